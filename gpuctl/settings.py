@@ -1,0 +1,209 @@
+"""Settings: command-line flags > environment > the profile's config file.
+
+The environment takes gpuctl's own names (``GPUCTL_QUEUE_URL`` …) and the running system's names
+(``AWS_DEFAULT_REGION``, ``SQS_QUEUE_URL``, ``DYNAMODB_TABLE``, ``GPU_INSTANCE_ID``). The config file is
+one TOML file per profile in the user's config directory (``gpuctl config path``), written by
+``gpuctl config set`` and by ``gpuctl deploy`` from the stack outputs.
+
+Nothing here builds a Settings at import; the CLI root callback, the adapter's ``main()`` and the tests
+do, and pass it down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gpuctl.errors import ConfigError
+
+__all__ = [
+    "SETTING_HELP",
+    "Settings",
+    "config_dir",
+    "load_settings",
+    "profile_path",
+    "read_profile",
+    "write_profile",
+]
+
+_PROFILE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _env(*names: str) -> Any:
+    return Field(default=None, validation_alias=AliasChoices(*names))
+
+
+class Settings(BaseSettings):
+    """Everything gpuctl needs to find the system it operates."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPUCTL_", extra="ignore", populate_by_name=True, validate_default=True
+    )
+
+    profile: str = "default"
+    config_dir: Path | None = None
+
+    region: str | None = _env("region", "GPUCTL_REGION", "AWS_REGION", "AWS_DEFAULT_REGION")
+    endpoint_url: str | None = _env("endpoint_url", "GPUCTL_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+    aws_profile: str | None = _env("aws_profile", "GPUCTL_AWS_PROFILE", "AWS_PROFILE")
+    queue_url: str | None = _env("queue_url", "GPUCTL_QUEUE_URL", "SQS_QUEUE_URL")
+    dlq_url: str | None = _env("dlq_url", "GPUCTL_DLQ_URL")
+    table_name: str | None = _env("table_name", "GPUCTL_TABLE_NAME", "DYNAMODB_TABLE")
+    instance_id: str | None = _env("instance_id", "GPUCTL_INSTANCE_ID", "GPU_INSTANCE_ID")
+    bucket: str | None = _env("bucket", "GPUCTL_BUCKET")
+    cdn_domain: str | None = _env("cdn_domain", "GPUCTL_CDN_DOMAIN")
+    stack_name: str = "gpuctl"
+
+    inputs_prefix: str = "inputs/"
+    results_prefix: str = "results/"
+    max_image_mb: float = Field(default=20.0, gt=0)
+    job_ttl_days: int = Field(default=30, ge=1)
+    presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1, le=20)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _ProfileFileSource(settings_cls, init_settings))
+
+    def require(self, name: str) -> str:
+        """The value of a setting that this command cannot work without.
+
+        Raises:
+            ConfigError: naming the setting and how to set it.
+        """
+        value = getattr(self, name)
+        if value in (None, ""):
+            raise ConfigError(missing_setting_message(name, self.profile))
+        return str(value)
+
+    def result_url(self, bucket: str, key: str) -> str:
+        """Where a result is published: the CDN when one is configured, else the s3:// URI."""
+        if self.cdn_domain:
+            return f"https://{self.cdn_domain.removeprefix('https://').rstrip('/')}/{key}"
+        return f"s3://{bucket}/{key}"
+
+
+SETTING_HELP: dict[str, tuple[str, str]] = {
+    # name: (what it is, the seed's environment variable or gpuctl's)
+    "region": ("AWS region", "AWS_DEFAULT_REGION"),
+    "queue_url": ("SQS queue URL", "SQS_QUEUE_URL"),
+    "dlq_url": ("dead-letter queue URL", "GPUCTL_DLQ_URL"),
+    "table_name": ("DynamoDB table name", "DYNAMODB_TABLE"),
+    "instance_id": ("GPU instance id", "GPU_INSTANCE_ID"),
+    "bucket": ("S3 bucket for inputs and results", "GPUCTL_BUCKET"),
+    "endpoint_url": ("AWS endpoint URL", "GPUCTL_ENDPOINT_URL"),
+}
+
+
+def missing_setting_message(name: str, profile: str) -> str:
+    what, env = SETTING_HELP.get(name, (name.replace("_", " "), f"GPUCTL_{name.upper()}"))
+    flag = " --profile " + profile if profile != "default" else ""
+    return (
+        f"No {what} is configured: set {env}, or run `gpuctl{flag} config set {name} VALUE`, "
+        f"or `gpuctl{flag} deploy` to create the stack and record it."
+    )
+
+
+def config_dir(explicit: Path | None = None) -> Path:
+    """The folder holding one ``<profile>.toml`` per profile."""
+    if explicit is not None:
+        return explicit
+    if env := os.environ.get("GPUCTL_CONFIG_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "gpuctl"
+
+
+def profile_path(profile: str, directory: Path | None = None) -> Path:
+    if not _PROFILE_NAME.match(profile):
+        raise ConfigError(f"Invalid profile name {profile!r}: use letters, digits, '.', '_' or '-'.")
+    return config_dir(directory) / f"{profile}.toml"
+
+
+def read_profile(profile: str, directory: Path | None = None) -> dict[str, Any]:
+    path = profile_path(profile, directory)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"Cannot read the config file {path}: {exc}.") from None
+
+
+def write_profile(profile: str, values: dict[str, Any], directory: Path | None = None) -> Path:
+    """Merge ``values`` into the profile's file (a value of None removes the key); return its path."""
+    import tomli_w
+
+    known = set(Settings.model_fields) - {"profile", "config_dir"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"Unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}.")
+    path = profile_path(profile, directory)
+    merged = read_profile(profile, directory)
+    for key, value in values.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    # Validate before writing so a bad value never lands in the file.
+    try:
+        Settings.model_validate({**merged, "profile": profile})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"Invalid value for {first['loc'][0]}: {first['msg']}.") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(tomli_w.dumps(merged))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+    return path
+
+
+class _ProfileFileSource(PydanticBaseSettingsSource):
+    """Reads ``<config dir>/<profile>.toml``; the profile comes from the flags, then GPUCTL_PROFILE."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        init = init_settings()
+        self._profile = str(init.get("profile") or os.environ.get("GPUCTL_PROFILE") or "default")
+        directory = init.get("config_dir")
+        self._data = read_profile(self._profile, Path(directory) if directory else None)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from flags (``overrides``, None meaning "not given"), environment and profile file.
+
+    Raises:
+        ConfigError: when a value is invalid.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = first["loc"][0] if first["loc"] else "settings"
+        raise ConfigError(f"Invalid setting {name}: {first['msg']}.") from None
