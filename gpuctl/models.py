@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 GSI_STATUS_CREATED = "status-created_at-index"
+# Long enough for any real instruction, short enough to keep messages and records small.
+MAX_PROMPT_CHARS = 2000
 
 
 class JobStatus(StrEnum):
@@ -155,7 +157,7 @@ class CameraAngleRequest(JobRequest):
 
     job_type: ClassVar[JobType] = JobType.CAMERA_ANGLE
 
-    prompt: str | None = None
+    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
     vertical: Annotated[int, Field(ge=-2, le=2)] = 0
     horizontal: Annotated[int, Field(ge=-2, le=2)] = 0
     zoom: Annotated[int, Field(ge=-1, le=1)] = 0
@@ -178,7 +180,7 @@ class QwenImageEditRequest(JobRequest):
 
     job_type: ClassVar[JobType] = JobType.QWEN_IMAGE_EDIT
 
-    prompt: str
+    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
     image2_url: str | None = None
     image3_url: str | None = None
     steps: Annotated[int, Field(ge=1, le=100)] = 4

@@ -132,7 +132,7 @@ class JobTable:
             NotFound: there is no such job.
         """
         sources = sorted(s.value for s in (expected if expected is not None else allowed_sources(target)))
-        values: dict[str, Any] = {":target": target.value, ":now": _now()}
+        values: dict[str, Any] = {":now": _now()}
         names = {"#s": "status"}
         status_names = []
         for i, source in enumerate(sources):

@@ -81,14 +81,17 @@ class GpuInstance:
                 )
         raise NotFound(f"The EC2 instance {self.instance_id} does not exist.")
 
-    def start(self) -> str:
-        """Ask EC2 to start the instance; return the state it reports."""
+    def start(self) -> tuple[str, str]:
+        """Ask EC2 to start the instance; return its ``(previous, current)`` states."""
         response = self._call(self._client.start_instances, InstanceIds=[self.instance_id])
-        return str(response["StartingInstances"][0]["CurrentState"]["Name"])
+        change = response["StartingInstances"][0]
+        return str(change["PreviousState"]["Name"]), str(change["CurrentState"]["Name"])
 
-    def stop(self) -> str:
+    def stop(self) -> tuple[str, str]:
+        """Ask EC2 to stop the instance; return its ``(previous, current)`` states."""
         response = self._call(self._client.stop_instances, InstanceIds=[self.instance_id])
-        return str(response["StoppingInstances"][0]["CurrentState"]["Name"])
+        change = response["StoppingInstances"][0]
+        return str(change["PreviousState"]["Name"]), str(change["CurrentState"]["Name"])
 
     def wait(self, state: str, *, timeout: float, delay: float = 5.0) -> None:
         """Block until the instance is ``running`` or ``stopped`` (boto3 waiters), at most ``timeout``.

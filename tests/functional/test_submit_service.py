@@ -1,0 +1,204 @@
+"""The submit use case against moto in-process: ordering, nothing half-written, idempotency, batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from botocore.stub import Stubber
+
+from gpuctl.errors import GpuctlError, NotFound, UsageError
+from gpuctl.models import JobMessage, JobStatus, JobType
+from gpuctl.services.submit import draft_job, submit_batch, submit_draft
+from tests.helpers import make_image
+
+MB = 1024 * 1024
+
+
+def _messages(gateways) -> list[dict]:
+    got = gateways.clients.sqs.receive_message(QueueUrl=gateways.settings.queue_url, MaxNumberOfMessages=10,
+                                               WaitTimeSeconds=0)
+    return [json.loads(m["Body"]) for m in got.get("Messages", [])]
+
+
+def test_submit_local_image_uploads_records_queues_and_starts(gateways, tmp_path: Path) -> None:
+    """A local image is uploaded under inputs/, recorded pending, queued, and the instance started."""
+    # GIVEN a real image on disk and a stopped instance
+    image = make_image(tmp_path / "photo.png")
+    draft = draft_job(JobType.CAMERA_ANGLE, str(image), {"vertical": 2}, max_bytes=20 * MB)
+    # WHEN it is submitted
+    result = submit_draft(gateways, draft)
+    # THEN the record, the message and the upload agree
+    record = gateways.table.get(result.record.task_id)
+    assert record.status is JobStatus.PENDING
+    assert record.job_type == "/api/v1/camera-angle/jobs"
+    assert record.request["image_url"].startswith(f"s3://{gateways.settings.bucket}/inputs/{record.task_id}/")
+    (message,) = _messages(gateways)
+    assert message["task_id"] == record.task_id
+    assert message["api_path"] == "/api/v1/camera-angle/jobs"
+    assert message["request_body"] == record.request
+    assert message["request_body"]["vertical"] == 2 and message["request_body"]["steps"] == 8
+    key = record.request["image_url"].split("/", 3)[3]
+    assert gateways.store.size(gateways.settings.bucket, key) == image.stat().st_size
+    assert result.instance is not None and result.instance.action == "started"
+    assert gateways.instance.describe().state == "running"
+
+
+def test_seed_adapter_reads_only_the_three_contract_fields(gateways) -> None:
+    """A message gpuctl writes is processable by a reader that knows only task_id/api_path/request_body."""
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "sketch"}, max_bytes=MB)
+    result = submit_draft(gateways, draft, start_instance=False)
+    (message,) = _messages(gateways)
+    seed_view = {k: message[k] for k in ("task_id", "api_path", "request_body")}
+    assert seed_view["task_id"] == result.record.task_id
+    decoded = JobMessage.from_json(json.dumps(seed_view)).request()
+    assert decoded.to_body() == message["request_body"]
+    assert message["request_body"]["sampler_name"] == "sa_solver"
+
+
+def test_idempotency_key_returns_the_same_job_and_queues_nothing_new(gateways) -> None:
+    """Submitting twice with one key gives one job and one message."""
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "sketch"}, max_bytes=MB)
+    first = submit_draft(gateways, draft, idempotency_key="ci-run-42", start_instance=False)
+    second = submit_draft(gateways, draft, idempotency_key="ci-run-42", start_instance=False)
+    assert second.reused and not first.reused
+    assert second.record.task_id == first.record.task_id
+    assert len(_messages(gateways)) == 1
+
+
+def test_enqueue_failure_marks_the_record_failed(gateways) -> None:
+    """When the message cannot be queued the record ends failed with the reason (no orphan pending)."""
+    # GIVEN a queue URL that does not exist
+    gateways.queue.queue_url = gateways.settings.queue_url.replace("gpu_tasks_queue", "missing")
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "sketch"}, max_bytes=MB)
+    # WHEN it is submitted THEN the error surfaces
+    with pytest.raises(NotFound, match="does not exist"):
+        submit_draft(gateways, draft, start_instance=False)
+    # AND the only record is failed with the reason
+    (failed,) = list(gateways.table.query_status(JobStatus.FAILED))
+    assert "Failed to queue the job" in (failed.error_message or "")
+    assert list(gateways.table.query_status(JobStatus.PENDING)) == []
+
+
+def test_capacity_error_keeps_the_job_queued_with_a_warning(gateways) -> None:
+    """InsufficientInstanceCapacity (which moto cannot produce) is a warning, not a failure."""
+    ec2 = gateways.clients.ec2
+    with Stubber(ec2) as stub:
+        stub.add_client_error("start_instances", service_error_code="InsufficientInstanceCapacity",
+                              service_message="We currently do not have sufficient g5.xlarge capacity.")
+        draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "x"}, max_bytes=MB)
+        result = submit_draft(gateways, draft)
+    assert result.instance is not None and result.instance.action == "failed"
+    assert "InsufficientInstanceCapacity" in (result.instance.warning or "")
+    assert len(_messages(gateways)) == 1
+
+
+def test_capacity_error_with_require_instance_raises_but_job_stays_queued(gateways) -> None:
+    """--require-instance turns the start failure into an error; the job itself is not lost."""
+    with Stubber(gateways.clients.ec2) as stub:
+        stub.add_client_error("start_instances", service_error_code="InsufficientInstanceCapacity")
+        draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "x"}, max_bytes=MB)
+        with pytest.raises(GpuctlError, match="capacity"):
+            submit_draft(gateways, draft, require_instance=True)
+    assert len(_messages(gateways)) == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "image", "fields", "message"),
+    [
+        pytest.param("camera-angle", "missing.png", {}, "does not exist", id="missing-file"),
+        pytest.param("camera-angle", "notes.txt", {}, "not an image", id="text-file"),
+        pytest.param("camera-angle", "ok.png", {"vertical": 3}, "vertical should be less than or equal to 2",
+                     id="vertical-3"),
+        pytest.param("camera-angle", "ok.png", {"zoom": -2}, "zoom should be greater than or equal to -1",
+                     id="zoom-2"),
+        pytest.param("qwen-image-edit", "ok.png", {"prompt": "  "}, "prompt must not be empty", id="empty-prompt"),
+        pytest.param("qwen-image-edit", "ok.png", {}, "prompt is required", id="no-prompt"),
+        pytest.param("qwen-image-edit", "http://x/y.png", {"prompt": "p"}, "http:// image URLs are not accepted",
+                     id="http-url"),
+        pytest.param("qwen-image-edit", "s3://bucket-only", {"prompt": "p"}, "needs both a bucket and a key",
+                     id="s3-no-key"),
+        pytest.param("qwen-image-edit", "ok.png", {"prompt": "p", "denoise": 1.5}, "denoise should be",
+                     id="denoise"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_written(gateways, tmp_path: Path, monkeypatch, kind, image,
+                                                         fields, message) -> None:
+    """Every bad input is one UsageError sentence and leaves no record, message or upload behind."""
+    monkeypatch.chdir(tmp_path)
+    make_image(tmp_path / "ok.png")
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    with pytest.raises(UsageError, match=message):
+        draft = draft_job(JobType(kind), image, fields, max_bytes=MB)
+        submit_draft(gateways, draft)
+    assert _messages(gateways) == []
+    for status in JobStatus:
+        assert list(gateways.table.query_status(status)) == []
+    assert gateways.clients.s3.list_objects_v2(Bucket=gateways.settings.bucket).get("KeyCount", 0) == 0
+
+
+def test_oversized_image_is_refused(tmp_path: Path) -> None:
+    """A file over the size limit is refused with the limit named."""
+    image = make_image(tmp_path / "big.png", size=(256, 256))
+    with pytest.raises(UsageError, match="larger than the"):
+        draft_job(JobType.CAMERA_ANGLE, str(image), {}, max_bytes=100)
+
+
+def test_batch_submit_writes_in_batches(gateways, tmp_path: Path) -> None:
+    """Thirty rows become thirty records and thirty messages with batch APIs; ids come back in order."""
+    make_image(tmp_path / "a.png")
+    rows = [{"job_type": "qwen-image-edit", "image": "a.png", "prompt": f"edit {i}"} for i in range(15)]
+    rows += [{"job_type": "camera-angle", "image": "s3://bucket/x.jpg", "horizontal": -1} for _ in range(15)]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = submit_batch(gateways, path, start_instance=False)
+    assert len(result.job_ids) == 30 and all(result.job_ids) and not result.failures
+    assert len(list(gateways.table.query_status(JobStatus.PENDING))) == 30
+    first = gateways.table.get(result.job_ids[0])
+    assert first.request["prompt"] == "edit 0"
+    attrs = gateways.queue.stats(include_dlq=False)
+    assert attrs.visible == 30
+
+
+def test_batch_reports_every_bad_row_and_writes_nothing(gateways, tmp_path: Path) -> None:
+    """All bad rows are listed with their row numbers; not one job is written."""
+    path = tmp_path / "jobs.csv"
+    path.write_text(
+        "job_type,image,prompt,vertical\n"
+        "qwen-image-edit,s3://b/k.png,ok,\n"
+        "camera-angle,s3://b/k.png,,5\n"
+        "paint,s3://b/k.png,x,\n"
+        "qwen-image-edit,s3://b/k.png,,\n"
+    )
+    with pytest.raises(UsageError) as info:
+        submit_batch(gateways, path, start_instance=False)
+    text = str(info.value)
+    assert "3 of 4 rows" in text
+    assert "row 3: Invalid camera-angle request: vertical" in text
+    assert "row 4: Unknown job type 'paint'" in text
+    assert "row 5: Invalid qwen-image-edit request: prompt is required" in text
+    assert _messages(gateways) == []
+    assert list(gateways.table.query_status(JobStatus.PENDING)) == []
+
+
+def test_batch_send_failure_marks_those_rows_failed(gateways, tmp_path: Path) -> None:
+    """Rows whose messages SQS rejects are reported and their records marked failed; others stay queued."""
+    # GIVEN three valid rows, and SQS refusing the second entry of the batch (moto never does; Stubber can)
+    path = tmp_path / "jobs.jsonl"
+    rows = [{"job_type": "qwen-image-edit", "image": "s3://b/k.png", "prompt": f"edit {i}"} for i in range(3)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with Stubber(gateways.clients.sqs) as stub:
+        stub.add_response("send_message_batch", {
+            "Successful": [{"Id": "0", "MessageId": "m0", "MD5OfMessageBody": "x"},
+                           {"Id": "2", "MessageId": "m2", "MD5OfMessageBody": "x"}],
+            "Failed": [{"Id": "1", "SenderFault": False, "Code": "InternalError", "Message": "try again"}],
+        })
+        # WHEN the file is submitted
+        result = submit_batch(gateways, path, start_instance=False)
+    # THEN row 2 is reported and its record failed; rows 1 and 3 stay pending
+    assert result.job_ids[0] and result.job_ids[2] and result.job_ids[1] is None
+    assert [(f.row, "InternalError" in f.message) for f in result.failures] == [(2, True)]
+    (failed,) = list(gateways.table.query_status(JobStatus.FAILED))
+    assert "Failed to queue" in (failed.error_message or "")
+    assert len(list(gateways.table.query_status(JobStatus.PENDING))) == 2
