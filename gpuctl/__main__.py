@@ -10,7 +10,7 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
-    import click
+    import typer
 
     from gpuctl.cli import app
     from gpuctl.errors import EXIT_INTERRUPTED, EXIT_USAGE, GpuctlError
@@ -24,12 +24,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _error(str(exc))
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return int(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        return int(exc.exit_code or EXIT_USAGE)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except typer.TyperException as exc:
+        # Usage errors (Typer ships its own click): "Usage: …" and "Error: …" on stderr, exit 2.
+        exc.show()  # type: ignore[attr-defined]
+        return int(getattr(exc, "exit_code", EXIT_USAGE) or EXIT_USAGE)
+    except (typer.Abort, KeyboardInterrupt):
         _error("Interrupted.")
         return EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -20,6 +20,7 @@ app = typer.Typer(
     help="Operate a scale-to-zero GPU job system on AWS: submit jobs, watch them, manage the instance.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
