@@ -50,15 +50,15 @@ class Settings(BaseSettings):
     profile: str = "default"
     config_dir: Path | None = None
 
-    region: str | None = _env("region", "GPUCTL_REGION", "AWS_REGION", "AWS_DEFAULT_REGION")
-    endpoint_url: str | None = _env("endpoint_url", "GPUCTL_ENDPOINT_URL", "AWS_ENDPOINT_URL")
-    aws_profile: str | None = _env("aws_profile", "GPUCTL_AWS_PROFILE", "AWS_PROFILE")
-    queue_url: str | None = _env("queue_url", "GPUCTL_QUEUE_URL", "SQS_QUEUE_URL")
-    dlq_url: str | None = _env("dlq_url", "GPUCTL_DLQ_URL")
-    table_name: str | None = _env("table_name", "GPUCTL_TABLE_NAME", "DYNAMODB_TABLE")
-    instance_id: str | None = _env("instance_id", "GPUCTL_INSTANCE_ID", "GPU_INSTANCE_ID")
-    bucket: str | None = _env("bucket", "GPUCTL_BUCKET")
-    cdn_domain: str | None = _env("cdn_domain", "GPUCTL_CDN_DOMAIN")
+    region: str | None = _env("GPUCTL_REGION", "AWS_REGION", "AWS_DEFAULT_REGION")
+    endpoint_url: str | None = _env("GPUCTL_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+    aws_profile: str | None = _env("GPUCTL_AWS_PROFILE", "AWS_PROFILE")
+    queue_url: str | None = _env("GPUCTL_QUEUE_URL", "SQS_QUEUE_URL")
+    dlq_url: str | None = _env("GPUCTL_DLQ_URL")
+    table_name: str | None = _env("GPUCTL_TABLE_NAME", "DYNAMODB_TABLE")
+    instance_id: str | None = _env("GPUCTL_INSTANCE_ID", "GPU_INSTANCE_ID")
+    bucket: str | None = _env("GPUCTL_BUCKET")
+    cdn_domain: str | None = _env("GPUCTL_CDN_DOMAIN")
     stack_name: str = "gpuctl"
 
     inputs_prefix: str = "inputs/"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -162,7 +163,7 @@ def _submit_one(ctx: typer.Context, kind: str, image: str, fields: dict[str, Any
     with _upload_progress(out) as progress:
         result = submit_draft(app_state.gateways, draft, idempotency_key=key, start_instance=not no_start,
                               require_instance=require, on_progress=progress)
-    _render_submitted(out, result)
+    _render_submitted(out, result, lines=wait)
     if wait:
         from gpuctl.cli.jobs import follow
 
@@ -175,12 +176,17 @@ def _instance_doc(outcome: StartOutcome | None) -> dict[str, Any] | None:
     return {"action": outcome.action, "state": outcome.state, "warning": outcome.warning}
 
 
-def _render_submitted(out: Renderer, result: SubmitResult) -> None:
+def _render_submitted(out: Renderer, result: SubmitResult, *, lines: bool = False) -> None:
+    """The submitted job; with ``lines`` (--wait) JSON goes out as one line, as the watch lines that follow."""
     if result.instance is not None and result.instance.warning:
         out.warn(result.instance.warning)
     if out.json:
-        out.data({**result.record.status_document(), "reused": result.reused,
-                  "instance": _instance_doc(result.instance)})
+        doc = {**result.record.status_document(), "reused": result.reused,
+               "instance": _instance_doc(result.instance)}
+        if lines:
+            typer.echo(json.dumps(doc, ensure_ascii=False))
+        else:
+            out.data(doc)
         return
     out.ids([result.record.task_id])
     if result.reused:
