@@ -1,0 +1,148 @@
+"""Local stand-in for the scheduler Lambda's triggers: run the real handler every few seconds.
+
+The emulator stores the Lambda function but never runs its code, and never fires the alarm or the
+EventBridge schedule (see reference/moto-capabilities.md §7-8). Local mode therefore runs this loop as a
+background process: it loads ``lambda/handler.py`` the way the Lambda runtime does (the folder on
+``sys.path``, the module by file), takes the function's environment from the deployed function's
+configuration (what CloudFormation set: queue, table, instance, idle minutes), and calls the handler's
+``run_once`` on every tick, as the schedule would.
+
+    python -m gpuctl.local.scheduler --endpoint-url http://127.0.0.1:PORT --function-name gpuctl-gpu-scheduler
+
+Logs one JSON object per line on stderr; ``local_scheduler.ready`` after the first successful tick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import signal
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import Any
+
+__all__ = ["READY_EVENT", "load_handler", "main"]
+
+log = logging.getLogger("gpuctl.local.scheduler")
+
+READY_EVENT = "local_scheduler.ready"
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def load_handler(lambda_dir: Path | None = None) -> ModuleType:
+    """Import ``handler.py`` from the Lambda folder (the checkout's ``lambda/`` or the wheel's bundled copy).
+
+    Raises:
+        ConfigError: the folder cannot be found.
+    """
+    if lambda_dir is None:
+        from gpuctl.services.deploy import find_sources
+
+        lambda_dir = find_sources().lambda_dir
+    # The runtime puts the task root on sys.path: handler.py imports its sibling modules (decide.py).
+    sys.path.insert(0, str(lambda_dir))
+    spec = importlib.util.spec_from_file_location("handler", lambda_dir / "handler.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["handler"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _function_env(endpoint_url: str, region: str, function_name: str) -> dict[str, str]:
+    """The deployed function's environment variables, as strings (the Lambda runtime passes strings)."""
+    import boto3
+
+    client = boto3.session.Session(region_name=region).client("lambda", endpoint_url=endpoint_url)
+    config = client.get_function_configuration(FunctionName=function_name)
+    variables = config.get("Environment", {}).get("Variables", {})
+    return {str(k): str(v) for k, v in variables.items()}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gpuctl.local.scheduler",
+                                description="Call the scheduler Lambda's handler every few seconds (local mode).")
+    p.add_argument("--endpoint-url", required=True, help="the AWS endpoint (the local emulator)")
+    p.add_argument("--region", default="us-east-1")
+    p.add_argument("--function-name", required=True, help="the deployed scheduler function (for its environment)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between runs (default 5)")
+    p.add_argument("--lambda-dir", type=Path, default=None, help="folder holding handler.py (default: gpuctl's)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; exit 2 when the function's configuration cannot be read."""
+    import botocore.exceptions
+
+    args = _parser().parse_args(argv)
+    handler_log = logging.StreamHandler(sys.stderr)
+    handler_log.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler_log])
+    for noisy in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The handler logs its full decision record on every run (one per invocation on AWS); every few
+    # seconds here that is megabytes a day, so this loop logs a compact line when the decision changes.
+    logging.getLogger("gpuctl.scheduler").setLevel(logging.WARNING)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    handler = load_handler(args.lambda_dir)
+    try:
+        env = _function_env(args.endpoint_url, args.region, args.function_name)
+        config = handler.SchedulerConfig.from_env(
+            {**env, "AWS_ENDPOINT_URL": args.endpoint_url, "AWS_DEFAULT_REGION": args.region})
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ValueError) as exc:
+        log.error("local_scheduler.config_error", extra={"function": args.function_name, "error": str(exc)})
+        return 2
+    clients = handler.make_clients(config.region, config.endpoint_url)
+    log.info("local_scheduler.started", extra={"function": args.function_name, "interval_s": args.interval,
+                                               "instance_id": config.instance_id})
+    ready = False
+    last: tuple[Any, ...] | None = None
+    # Like the EventBridge schedule: one run per tick; a failed run is logged and the next tick tries again.
+    while not stop.is_set():
+        try:
+            record = handler.run_once(config, clients, trigger="schedule")
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            log.warning("local_scheduler.run_failed", extra={"error": str(exc)})
+        else:
+            decision = (record.get("action"), record.get("code"), record.get("outcome"))
+            if decision != last or record.get("action") != "none":
+                last = decision
+                log.info("local_scheduler.decision", extra={k: record.get(k) for k in
+                                                            ("action", "code", "reason", "outcome")})
+            if not ready:
+                ready = True
+                log.info(READY_EVENT)
+        stop.wait(args.interval)
+    log.info("local_scheduler.stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
