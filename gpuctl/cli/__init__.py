@@ -99,13 +99,17 @@ def root(
 
 
 def _register() -> None:
-    from gpuctl.cli import config, instance, jobs, queue, submit
+    from gpuctl.cli import config, deploy, hold, instance, jobs, local, queue, submit
 
     app.add_typer(submit.app, name="submit")
     jobs.register(app)
+    hold.register(instance.app)
     app.add_typer(instance.app, name="instance")
     app.add_typer(queue.app, name="queue")
+    deploy.register(app)
     app.add_typer(config.app, name="config")
+    app.add_typer(local.app, name="local")
+    local.register_demo(app)
 
 
 _register()

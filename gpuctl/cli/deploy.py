@@ -1,0 +1,287 @@
+"""`gpuctl deploy`, `gpuctl destroy` and `gpuctl stack status|outputs`: the CloudFormation stack."""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from gpuctl.cli import state
+from gpuctl.cli._output import OutputOpt, QuietOpt, Renderer, err_console
+from gpuctl.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.status import Status
+
+    from gpuctl.aws.cfn import StackEvent, StackInfo
+    from gpuctl.services.deploy import DeployPlan, DeployResult, DestroyResult
+
+__all__ = ["register", "stack_app"]
+
+stack_app = typer.Typer(help="Show the CloudFormation stack's status and outputs.", no_args_is_help=True)
+
+StackOpt = Annotated[str | None, typer.Option("--stack", help="Stack name (default: the stack_name setting, "
+                                                               "gpuctl).", show_default=False)]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add `deploy`, `destroy` and the `stack` group to the root app."""
+    app.command("deploy")(deploy)
+    app.command("destroy")(destroy)
+    app.add_typer(stack_app, name="stack")
+
+
+# --- gpuctl deploy ---------------------------------------------------------------------------------
+
+def deploy(
+    ctx: typer.Context,
+    stack: StackOpt = None,
+    instance_id: Annotated[str | None, typer.Option(
+        "--instance-id", help="The existing GPU instance (default: the stack's current one; for a new stack "
+                              "the instance_id setting).", show_default=False)] = None,
+    idle_minutes: Annotated[int | None, typer.Option(
+        "--idle-minutes", min=5, max=1440, help="Stop the instance after this many idle minutes "
+                                                "(new stack: 30).", show_default=False)] = None,
+    enable_cdn: Annotated[bool | None, typer.Option(
+        "--enable-cdn/--disable-cdn", help="Serve results through CloudFront (new stack: off).",
+        show_default=False)] = None,
+    max_receive_count: Annotated[int | None, typer.Option(
+        "--max-receive-count", min=1, max=1000, help="Deliveries before a message goes to the dead-letter "
+                                                     "queue (new stack: 5).", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the change set, change nothing.")] = False,
+    yes: YesOpt = False,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Create or update the stack through a change set, then record its outputs in the profile.
+
+    Zips lambda/ (its content hash names the upload), shows the change set and asks before executing it.
+
+    Follows the stack events, then writes queue_url, table_name, bucket, instance_id, … to the profile.
+
+    Options left out keep the stack's current values. Exit 1 when the stack fails or rolls back.
+
+    Examples:
+
+        gpuctl deploy --instance-id i-0123456789abcdef0
+
+        gpuctl deploy --idle-minutes 45 --dry-run
+
+        gpuctl --endpoint-url http://127.0.0.1:5000 deploy --instance-id i-0123456789abcdef0 --yes
+    """
+    from gpuctl.services.deploy import deploy as run_deploy
+
+    app_state, out = state(ctx), state(ctx).renderer(output, quiet)
+    _need_confirmation_channel(yes or dry_run, "deploy")
+    with _Progress(out, "Deploying…", yes=yes) as progress:
+        result = run_deploy(
+            app_state.gateways.clients, app_state.settings, stack_name=stack, instance_id=instance_id,
+            idle_minutes=idle_minutes, enable_cdn=enable_cdn, max_receive_count=max_receive_count,
+            dry_run=dry_run, review=progress.review, on_event=progress.event, on_step=progress.step,
+        )
+    _render_deploy(out, result)
+
+
+def _render_deploy(out: Renderer, result: DeployResult) -> None:
+    if out.json:
+        out.data(result.document())
+    elif out.quiet:
+        out.ids([result.status or result.action])
+    elif result.action == "dry-run" and result.plan is not None:
+        _plan_table(result.plan, stderr=False)
+        out.note("Dry run: nothing was changed, and the change set was deleted.")
+    elif result.action in ("created", "updated", "no-changes"):
+        out.pairs(sorted(result.outputs.items()))
+        if result.action == "no-changes":
+            out.note(f"No changes: the stack {result.stack_name} is up to date ({result.status}).")
+        else:
+            out.note(f"The stack {result.stack_name} is {result.status}.")
+        written = ", ".join(k for k, v in sorted(result.settings_written.items()) if v is not None)
+        if written:
+            out.note(f"Wrote {written} to {result.config_path}.")
+    if result.action == "cancelled":
+        out.note("Cancelled: nothing was changed.")
+        raise typer.Exit(1)
+
+
+# --- gpuctl destroy --------------------------------------------------------------------------------
+
+def destroy(ctx: typer.Context, stack: StackOpt = None, yes: YesOpt = False, output: OutputOpt = None,
+            quiet: QuietOpt = False) -> None:
+    """Delete the stack (queue, table, bucket, Lambda, alarm) and wait until it is gone.
+
+    Asks first unless --yes. The settings deploy recorded from the stack are removed from the profile.
+
+    A bucket that still holds objects makes the deletion fail: empty it first.
+
+    Examples:
+
+        gpuctl destroy
+
+        gpuctl destroy --stack gpuctl-staging --yes
+    """
+    from gpuctl.services.deploy import destroy as run_destroy
+
+    app_state, out = state(ctx), state(ctx).renderer(output, quiet)
+    _need_confirmation_channel(yes, "destroy")
+    with _Progress(out, "Deleting the stack…", yes=yes) as progress:
+        result = run_destroy(app_state.gateways.clients, app_state.settings, stack_name=stack,
+                             confirm=progress.confirm_destroy)
+    _render_destroy(out, result)
+
+
+def _render_destroy(out: Renderer, result: DestroyResult) -> None:
+    if out.json:
+        out.data(result.document())
+    elif out.quiet:
+        out.ids([result.stack_name if result.deleted else ""])
+    elif result.deleted:
+        out.note(f"Deleted the stack {result.stack_name}.")
+        if result.forgotten:
+            out.note(f"Removed {', '.join(result.forgotten)} from {result.config_path}.")
+    if not result.deleted:
+        out.note("Cancelled: nothing was deleted.")
+        raise typer.Exit(1)
+
+
+# --- gpuctl stack status|outputs -------------------------------------------------------------------
+
+@stack_app.command("status")
+def status(ctx: typer.Context, stack: StackOpt = None, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+    """Show the stack's status, when it changed, and its parameters.
+
+    Exit 1 when there is no such stack.
+
+    Examples:
+
+        gpuctl stack status
+
+        gpuctl stack status --output json | jq -r .status
+    """
+    from gpuctl.services.deploy import stack_status
+
+    app_state, out = state(ctx), state(ctx).renderer(output, quiet)
+    info = stack_status(app_state.gateways.clients, app_state.settings, stack_name=stack)
+    if out.json:
+        out.data(info.document())
+    elif out.quiet:
+        out.ids([info.status])
+    else:
+        out.pairs(_status_pairs(info))
+
+
+@stack_app.command("outputs")
+def outputs(ctx: typer.Context, stack: StackOpt = None, output: OutputOpt = None) -> None:
+    """Show the stack's outputs (what deploy writes into the profile, and more).
+
+    Examples:
+
+        gpuctl stack outputs
+
+        gpuctl stack outputs --output json | jq -r .OperatorPolicyArn
+    """
+    from gpuctl.services.deploy import stack_outputs
+
+    app_state, out = state(ctx), state(ctx).renderer(output)
+    values = stack_outputs(app_state.gateways.clients, app_state.settings, stack_name=stack)
+    if out.json:
+        out.data(values)
+    else:
+        out.table(["Output", "Value"], sorted(values.items()))
+
+
+def _status_pairs(info: StackInfo) -> list[tuple[str, Any]]:
+    pairs: list[tuple[str, Any]] = [("stack", info.name), ("status", info.status), ("reason", info.status_reason),
+                                    ("created", info.created), ("updated", info.updated)]
+    pairs += [(f"  {k}", v) for k, v in sorted(info.parameters.items())]
+    return [(k, v) for k, v in pairs if v is not None]
+
+
+# --- progress and confirmation ---------------------------------------------------------------------
+
+def _need_confirmation_channel(confirmed: bool, command: str) -> None:
+    if not confirmed and not sys.stdin.isatty():
+        raise UsageError(f"`gpuctl {command}` asks for confirmation, but there is no terminal to ask on: "
+                         "pass --yes" + (" (or --dry-run to only look)." if command == "deploy" else "."))
+
+
+class _Progress:
+    """Deploy progress on stderr: a spinner with one line per step and stack event on a terminal, plain
+    lines otherwise; silent with --output json or -q. It also asks the confirmation questions."""
+
+    def __init__(self, out: Renderer, title: str, *, yes: bool) -> None:
+        self._out = out
+        self._title = title
+        self._yes = yes
+        self._status: Status | None = None
+
+    def __enter__(self) -> _Progress:
+        if self._out.interactive:
+            self._status = err_console().status(self._title)
+            self._status.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+    def _line(self, text: str, style: str | None = None) -> None:
+        if not self._out.json and not self._out.quiet:
+            err_console().print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+    def step(self, message: str) -> None:
+        if self._status is not None:
+            self._status.update(message)
+        self._line(message)
+
+    def event(self, event: StackEvent) -> None:
+        style = "red" if event.failed else "green" if event.status.endswith("_COMPLETE") else None
+        reason = f" — {event.reason}" if event.reason else ""
+        self._line(f"{event.timestamp:%H:%M:%S}  {event.status:<30} {event.logical_id} "
+                   f"({event.resource_type}){reason}", style=style)
+
+    def _ask(self, question: str) -> bool:
+        if self._yes:
+            return True
+        if self._status is not None:
+            self._status.stop()
+        answer = typer.confirm(question, default=False, err=True)
+        if self._status is not None:
+            self._status.start()
+        return answer
+
+    def review(self, plan: DeployPlan) -> bool:
+        if not (self._yes and (self._out.json or self._out.quiet)):
+            if self._status is not None:
+                self._status.stop()
+            _plan_table(plan, stderr=True)
+            if self._status is not None:
+                self._status.start()
+        return self._ask(f"Execute this change set on {plan.stack_name}?")
+
+    def confirm_destroy(self, info: StackInfo) -> bool:
+        return self._ask(f"Delete the stack {info.name} ({info.status}) with its queue, table, bucket and "
+                         "Lambda? Jobs and results stored there are lost.")
+
+
+def _plan_table(plan: DeployPlan, *, stderr: bool) -> None:
+    from rich.table import Table
+
+    from gpuctl.cli._output import out_console
+
+    console = err_console() if stderr else out_console()
+    verb = "create" if plan.change_type == "CREATE" else "update"
+    table = Table("Action", "Resource", "Type", "Replacement", title=f"Change set: {verb} {plan.stack_name}",
+                  title_justify="left", header_style="bold")
+    for change in plan.changes:
+        table.add_row(change.action, change.logical_id, change.resource_type, change.replacement or "")
+    console.print(table)
+    if not plan.changes:
+        console.print("CloudFormation listed no resource changes.", highlight=False)
+    for key, (old, new) in sorted(plan.parameter_changes.items()):
+        console.print(f"  parameter {key}: {old if old is not None else '(new)'} → {new}", markup=False,
+                      highlight=False, soft_wrap=True)
