@@ -250,6 +250,22 @@ class JobQueue:
     def purge(self) -> None:
         self._call(self._what(), self._client.purge_queue, QueueUrl=self.queue_url)
 
+    # --- added for the adapter -----------------------------------------------------------------
+    def send_to_dlq(self, body: str, *, reason: str) -> str | None:
+        """Copy a message the adapter cannot process to the dead-letter queue, with the reason attached.
+
+        The reason goes in the message attribute ``gpuctl_poison_reason``. Returns the new MessageId, or
+        None when the queue has no dead-letter queue.
+        """
+        dlq = self.dlq_url()
+        if not dlq:
+            return None
+        response = self._call(
+            self._what(dlq), self._client.send_message, QueueUrl=dlq, MessageBody=body or "(empty body)",
+            MessageAttributes={"gpuctl_poison_reason": {"DataType": "String", "StringValue": reason[:1024]}},
+        )
+        return str(response["MessageId"])
+
 
 def _redrive_policy(attrs: dict[str, str]) -> dict[str, Any]:
     raw = attrs.get("RedrivePolicy")

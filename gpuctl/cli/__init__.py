@@ -99,7 +99,7 @@ def root(
 
 
 def _register() -> None:
-    from gpuctl.cli import config, deploy, hold, instance, jobs, local, queue, submit
+    from gpuctl.cli import adapter, config, deploy, hold, instance, jobs, local, queue, submit
 
     app.add_typer(submit.app, name="submit")
     jobs.register(app)
@@ -110,6 +110,7 @@ def _register() -> None:
     app.add_typer(config.app, name="config")
     app.add_typer(local.app, name="local")
     local.register_demo(app)
+    app.add_typer(adapter.app, name="adapter")
 
 
 _register()

@@ -1,0 +1,249 @@
+"""Pure parts of the adapter: workflow filling, the URL safety check, failure classification, settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapter.backends.comfyui import format_prompt_error, interpret_history
+from adapter.errors import PermanentJobError, TransientJobError, classify, is_transient_http
+from adapter.inputs import check_image, check_url
+from adapter.workflow import PACKAGED_DIR, WorkflowError, load_template, load_templates, request_values
+from gpuctl.errors import AwsError, ConfigError, NotFound, UsageError
+from gpuctl.models import JobType, build_camera_prompt, parse_request
+from tests.helpers import make_image
+
+# --- workflows -----------------------------------------------------------------------------------
+
+
+def _links_to(graph: dict, node_id: str) -> list[tuple[str, str]]:
+    return [(nid, name) for nid, node in graph.items() for name, value in node["inputs"].items()
+            if isinstance(value, list) and len(value) == 2 and value[0] == node_id]
+
+
+def test_packaged_templates_load_and_fix_the_reference_exports():
+    """Both templates load; ImageScaleToTotalPixels has resolution_steps and CLIPLoader type qwen_image."""
+    templates = load_templates()
+    assert set(templates) == set(JobType)
+    for template in templates.values():
+        for node in template.graph.values():
+            if node["class_type"] == "ImageScaleToTotalPixels":
+                assert node["inputs"]["resolution_steps"] == 1
+            if node["class_type"] == "CLIPLoader":
+                assert node["inputs"]["type"] == "qwen_image"
+        assert template.graph[template.output_node]["class_type"] == "SaveImage"
+
+
+def test_camera_angle_fill_puts_prompt_seed_steps_image_and_prefix():
+    """The knobs' prompt, the seed, steps, the uploaded image name and the prefix land on their nodes."""
+    template = load_template(JobType.CAMERA_ANGLE)
+    request = parse_request(JobType.CAMERA_ANGLE, {"image_url": "s3://b/k.png", "vertical": 2, "steps": 5})
+    graph = template.fill(request_values(request, seed=42), {"image_url": "gpuctl/t_1.png"}, "gpuctl/t")
+    assert graph["11"]["inputs"]["prompt"] == build_camera_prompt(2, 0, 0)
+    assert graph["14"]["inputs"]["seed"] == 42 and graph["14"]["inputs"]["steps"] == 5
+    assert graph["31"]["inputs"]["image"] == "gpuctl/t_1.png"
+    assert graph["80"]["inputs"]["filename_prefix"] == "gpuctl/t"
+    # the template itself is untouched
+    assert template.graph["31"]["inputs"]["image"] == "placeholder.png"
+
+
+def test_request_seed_wins_over_the_random_one():
+    """A seed in the request is used as is; without one the generated seed is."""
+    with_seed = parse_request(JobType.CAMERA_ANGLE, {"image_url": "s3://b/k", "seed": 9})
+    without = parse_request(JobType.CAMERA_ANGLE, {"image_url": "s3://b/k"})
+    assert request_values(with_seed, seed=1)["seed"] == 9
+    assert request_values(without, seed=1)["seed"] == 1
+
+
+def test_qwen_fill_drops_absent_reference_images_and_their_links():
+    """Without image2/image3 their LoadImage nodes and every link to them are removed."""
+    template = load_template(JobType.QWEN_IMAGE_EDIT)
+    request = parse_request(JobType.QWEN_IMAGE_EDIT, {"image_url": "s3://b/a.png", "prompt": "sketch",
+                                                      "cfg": 2.5, "sampler_name": "euler"})
+    graph = template.fill(request_values(request, seed=3), {"image_url": "gpuctl/t_1.png"}, "gpuctl/t")
+    assert "8" not in graph and "11" not in graph
+    assert _links_to(graph, "8") == [] and _links_to(graph, "11") == []
+    assert graph["3"]["inputs"]["prompt"] == "sketch"
+    assert graph["2"]["inputs"]["cfg"] == 2.5 and graph["2"]["inputs"]["sampler_name"] == "euler"
+    assert graph["10"]["inputs"]["image"] == "gpuctl/t_1.png"
+
+
+def test_qwen_fill_keeps_given_reference_images():
+    """A given image2 keeps its node, with the uploaded name, wired into both encoders."""
+    template = load_template(JobType.QWEN_IMAGE_EDIT)
+    request = parse_request(JobType.QWEN_IMAGE_EDIT, {"image_url": "s3://b/a", "image2_url": "s3://b/b",
+                                                      "prompt": "x"})
+    graph = template.fill(request_values(request, seed=3),
+                          {"image_url": "a.png", "image2_url": "b.png"}, "p")
+    assert graph["8"]["inputs"]["image"] == "b.png" and "11" not in graph
+    assert sorted(_links_to(graph, "8")) == [("3", "image2"), ("4", "image2")]
+
+
+def test_fill_refuses_a_missing_main_image():
+    """The main image cannot be dropped like an optional one."""
+    template = load_template(JobType.CAMERA_ANGLE)
+    request = parse_request(JobType.CAMERA_ANGLE, {"image_url": "s3://b/k"})
+    with pytest.raises(WorkflowError, match="main image"):
+        template.fill(request_values(request, seed=1), {}, "p")
+
+
+def test_override_dir_replaces_a_template_and_mapping_errors_are_caught(tmp_path: Path):
+    """A workflows dir overrides file by file; a mapping naming a missing node is refused at load."""
+    graph = json.loads((PACKAGED_DIR / "camera-angle.json").read_text())
+    graph["14"]["inputs"]["sampler_name"] = "dpmpp_2m"
+    (tmp_path / "camera-angle.json").write_text(json.dumps(graph))
+    assert load_template(JobType.CAMERA_ANGLE, tmp_path).graph["14"]["inputs"]["sampler_name"] == "dpmpp_2m"
+    (tmp_path / "camera-angle.map.json").write_text(json.dumps(
+        {"output_node": "80", "images": {"image_url": "31"}, "inputs": {"steps": [["99", "steps"]]}}))
+    with pytest.raises(WorkflowError, match="does not name a node"):
+        load_template(JobType.CAMERA_ANGLE, tmp_path)
+
+
+# --- URL safety ----------------------------------------------------------------------------------
+
+
+def _resolver(*addresses: str):
+    return lambda host, port: list(addresses)
+
+
+@pytest.mark.parametrize("address", [
+    "169.254.169.254", "127.0.0.1", "10.0.0.5", "172.16.3.4", "192.168.1.1", "100.64.0.1", "0.0.0.0",
+    "::1", "fe80::1", "fd00::1", "::ffff:169.254.169.254", "224.0.0.1",
+])
+def test_check_url_refuses_non_public_addresses(address: str):
+    """Metadata, loopback, private, link-local, CGNAT, multicast and mapped addresses are refused."""
+    with pytest.raises(PermanentJobError, match="non-public"):
+        check_url("https://images.example.com/a.png", resolve=_resolver(address))
+
+
+def test_check_url_refuses_when_any_address_is_private():
+    """One private address among public ones is enough to refuse (DNS answers vary)."""
+    with pytest.raises(PermanentJobError):
+        check_url("https://x.example.com/a.png", resolve=_resolver("93.184.216.34", "10.1.2.3"))
+
+
+@pytest.mark.parametrize("url", ["http://example.com/a.png", "file:///etc/passwd", "ftp://x/y",
+                                 "https:///nohost", "https://user:pw@example.com/a.png"])
+def test_check_url_refuses_other_schemes_and_forms(url: str):
+    """Only https:// with a host and no credentials is fetched."""
+    with pytest.raises(PermanentJobError):
+        check_url(url, resolve=_resolver("93.184.216.34"))
+
+
+def test_check_url_accepts_a_public_https_host():
+    """A public address passes."""
+    check_url("https://images.example.com:8443/a.png", resolve=_resolver("93.184.216.34", "2606:2800::1"))
+
+
+def test_check_image_reads_a_png_and_refuses_garbage(tmp_path: Path):
+    """Real image bytes give their extension; anything else is a permanent error."""
+    assert check_image(make_image(tmp_path / "a.png").read_bytes(), "s3://b/a.png") == "png"
+    assert check_image(make_image(tmp_path / "a.jpg", fmt="JPEG").read_bytes(), "s3://b/a.jpg") == "jpg"
+    with pytest.raises(PermanentJobError, match="not a readable image"):
+        check_image(b"<html>nope</html>", "s3://b/x")
+
+
+# --- failure classification ----------------------------------------------------------------------
+
+
+def _status_error(code: int) -> httpx.HTTPStatusError:
+    request = httpx.Request("POST", "http://127.0.0.1:8188/prompt")
+    return httpx.HTTPStatusError("x", request=request, response=httpx.Response(code, request=request))
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    (PermanentJobError("bad"), "permanent"),
+    (UsageError("Invalid camera-angle request: steps ..."), "permanent"),
+    (NotFound("s3://b/k does not exist."), "permanent"),
+    (_status_error(400), "permanent"),
+    (_status_error(404), "permanent"),
+    (_status_error(429), "transient"),
+    (_status_error(500), "transient"),
+    (_status_error(503), "transient"),
+    (httpx.ConnectError("refused"), "transient"),
+    (httpx.ReadTimeout("slow"), "transient"),
+    (TransientJobError("lost"), "transient"),
+    (AwsError("throttled", code="ThrottlingException"), "transient"),
+    (RuntimeError("a bug"), "transient"),
+])
+def test_classify(exc: Exception, expected: str):
+    """Bad input and 4xx fail now; connection trouble, 5xx, 429, AWS errors and bugs are retried."""
+    assert classify(exc) == expected
+
+
+def test_is_transient_http_is_the_retry_predicate():
+    """stamina retries transport errors, 5xx and 429 only."""
+    assert is_transient_http(httpx.ConnectError("x"))
+    assert is_transient_http(_status_error(502))
+    assert not is_transient_http(_status_error(400))
+    assert not is_transient_http(PermanentJobError("x"))
+
+
+# --- ComfyUI answers -----------------------------------------------------------------------------
+
+
+def test_format_prompt_error_names_the_failing_node():
+    """A 400 from /prompt becomes one sentence with the node and the input at fault."""
+    body = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                      "details": "", "extra_info": {}},
+            "node_errors": {"77": {"errors": [{"type": "value_not_in_list", "message": "Value not in list",
+                                               "details": "unet_name: 'x.safetensors' not in [...]"}],
+                                   "dependent_outputs": ["80"], "class_type": "UNETLoader"}}}
+    text = format_prompt_error(body)
+    assert text.startswith("Prompt outputs failed validation")
+    assert "node 77 (UNETLoader) Value not in list: unet_name: 'x.safetensors'" in text
+
+
+def test_interpret_history_success_error_and_interrupt():
+    """History says success, a node's error (with its message), or an interrupt."""
+    ok = {"status": {"status_str": "success", "completed": True, "messages": [["execution_success", {}]]}}
+    err = {"status": {"status_str": "error", "completed": False, "messages": [
+        ["execution_start", {}],
+        ["execution_error", {"node_id": "14", "node_type": "KSampler", "exception_type": "torch.OutOfMemoryError",
+                             "exception_message": "CUDA out of memory\n"}]]}}
+    stopped = {"status": {"status_str": "error", "completed": False,
+                          "messages": [["execution_interrupted", {"node_id": "14"}]]}}
+    # ComfyUI can record an execution_error while status_str says success (reference §4.2)
+    odd = {"status": {"status_str": "success", "completed": True,
+                      "messages": [["execution_error", {"node_id": "3", "node_type": "X",
+                                                        "exception_message": "cycle"}]]}}
+    assert interpret_history(ok) == ("success", None)
+    assert interpret_history(err) == (
+        "error", "ComfyUI node 14 (KSampler) failed: torch.OutOfMemoryError: CUDA out of memory")
+    assert interpret_history(stopped)[0] == "interrupted"
+    assert interpret_history(odd)[0] == "error"
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def test_settings_defaults_and_backend_url(monkeypatch: pytest.MonkeyPatch):
+    """The backend URL defaults by backend kind; env names carry the GPUCTL_ prefix."""
+    from adapter.settings import AdapterSettings
+
+    assert AdapterSettings().base_url == "http://127.0.0.1:8188"
+    monkeypatch.setenv("GPUCTL_BACKEND", "unified")
+    monkeypatch.setenv("GPUCTL_INFLIGHT", "3")
+    settings = AdapterSettings()
+    assert settings.base_url == "http://127.0.0.1:8000" and settings.inflight == 3
+    assert settings.worker_id
+
+
+def test_settings_refuse_a_heartbeat_slower_than_the_visibility_extension():
+    """A heartbeat that cannot keep the message invisible is a configuration error."""
+    from adapter.settings import load_adapter_settings
+
+    with pytest.raises(ConfigError, match="heartbeat_interval"):
+        load_adapter_settings(queue_url="q", table_name="t", bucket="b", heartbeat_interval=60,
+                              visibility_extension=30)
+
+
+def test_load_adapter_settings_requires_queue_table_and_bucket():
+    """A daemon without a queue URL refuses to start with a sentence naming the setting."""
+    from adapter.settings import load_adapter_settings
+
+    with pytest.raises(ConfigError, match="SQS queue URL"):
+        load_adapter_settings(table_name="t", bucket="b")
