@@ -79,13 +79,9 @@ def parse_hold_duration(value: str) -> float:
     Raises:
         UsageError: not a positive duration, or longer than the maximum.
     """
-    from gpuctl.services.jobs import parse_since
+    from gpuctl.services.jobs import parse_duration
 
-    # parse_since turns an age into "now minus the age"; at now=0 that is minus the duration in seconds.
-    try:
-        seconds = -float(parse_since(value, now=0.0) or 0.0)
-    except UsageError:
-        raise UsageError(f"--for {value!r} is not a duration: use a number and a unit, e.g. 30m, 2h, 1d.") from None
+    seconds = parse_duration(value, option="--for")
     if seconds <= 0:
         raise UsageError(f"--for {value!r} must be longer than zero.")
     if seconds > MAX_HOLD_SECONDS:

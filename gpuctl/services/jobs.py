@@ -72,6 +72,18 @@ def parse_status(value: str | None) -> JobStatus | None:
         raise UsageError(f"Unknown status {value!r}; choose one of: {names}.") from None
 
 
+def parse_duration(value: str, *, option: str = "--since") -> float:
+    """A duration such as ``30m``, ``1h``, ``2d`` (s, m, h, d or w) in seconds.
+
+    Raises:
+        UsageError: not a number followed by a unit; the message names ``option``.
+    """
+    match = _SINCE.match(value)
+    if not match:
+        raise UsageError(f"{option} {value!r} is not a duration: use a number and a unit, e.g. 30m, 1h, 2d.")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+
+
 def parse_since(value: str | None, *, now: float | None = None) -> float | None:
     """A ``--since`` age such as ``30m``, ``1h``, ``2d`` as an epoch-seconds lower bound.
 
@@ -80,11 +92,7 @@ def parse_since(value: str | None, *, now: float | None = None) -> float | None:
     """
     if value is None:
         return None
-    match = _SINCE.match(value)
-    if not match:
-        raise UsageError(f"--since {value!r} is not an age: use a number and a unit, e.g. 30m, 1h, 2d.")
-    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
-    return (time.time() if now is None else now) - seconds
+    return (time.time() if now is None else now) - parse_duration(value)
 
 
 def get_job(gw: Gateways, job_id: str) -> JobRecord:

@@ -89,7 +89,7 @@ OFFLINE_ENV = {"GPUCTL_REGION": REGION, "GPUCTL_ENDPOINT_URL": "http://127.0.0.1
         pytest.param(["status", MISSING_ID], "GPUCTL_TABLE_NAME", "set DYNAMODB_TABLE", id="no-table"),
         pytest.param(["instance", "status"], "GPUCTL_INSTANCE_ID", "set GPU_INSTANCE_ID", id="no-instance"),
         pytest.param(["jobs", "list", "--status", "done"], None, "Unknown status 'done'", id="bad-status"),
-        pytest.param(["jobs", "list", "--since", "3 fortnights"], None, "is not an age", id="bad-since"),
+        pytest.param(["jobs", "list", "--since", "3 fortnights"], None, "is not a duration", id="bad-since"),
         pytest.param(["jobs", "list", "--limit", "0"], None, "--limit must be at least 1", id="bad-limit"),
         pytest.param(["watch", MISSING_ID, "--timeout", "-1"], None, "--timeout must be positive", id="bad-timeout"),
         pytest.param(["result", MISSING_ID, "--url", "-o", "x.png"], None, "either --url or --output-file",
