@@ -72,7 +72,9 @@ def ensure_running(gw: Gateways, *, stopping_wait: float = STOPPING_WAIT_SECONDS
         )
     if previous in ("running", "pending"):
         return StartOutcome("already-running", previous)
-    return StartOutcome("started", state)
+    # Tell the scheduler Lambda the instance was just started, so its idle window counts from now.
+    warning = _tag(gw, {STARTED_AT_TAG: _iso_now(), STARTED_REASON_TAG: "job submitted", STARTED_BY_TAG: _ACTOR})
+    return StartOutcome("started", state, warning=warning)
 
 
 # --- status, start, stop (the `gpuctl instance` commands) ------------------------------------------

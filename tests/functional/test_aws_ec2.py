@@ -75,9 +75,10 @@ def test_stopping_instance_is_waited_for_then_started(stubbed: tuple[Gateways, S
     stub.add_response("describe_instances", _described("stopping"), {"InstanceIds": [IID]})
     stub.add_response("describe_instances", _described("stopped"), {"InstanceIds": [IID]})
     stub.add_response("start_instances", _change("StartingInstances", "stopped", "pending"), {"InstanceIds": [IID]})
+    stub.add_response("create_tags", {}, None)
     # WHEN ensure_running runs
     outcome = ensure_running(gw, stopping_wait=30)
-    # THEN it waited and started it, without a warning
+    # THEN it waited, started it and tagged the start for the scheduler, without a warning
     assert (outcome.action, outcome.state, outcome.warning) == ("started", "pending", None)
 
 
