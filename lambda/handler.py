@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
+
 from decide import Decision, Facts, Policy, decide
 
 if TYPE_CHECKING:

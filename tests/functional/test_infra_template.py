@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import handler
 import pytest
 from cfnlint.api import ManualArgs, lint_file
 from cfnlint.decode import decode
 from moto import mock_aws
 
+import handler
 from tests.helpers import REGION
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import handler
 import pytest
 from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 
+import handler
 from tests.helpers import REGION, Resources
 
 EVENTS = Path(__file__).resolve().parent.parent / "events"

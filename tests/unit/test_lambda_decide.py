@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from decide import Decision, Facts, Policy, decide
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from decide import Decision, Facts, Policy, decide
 
 NOW = 1_750_000_000.0
 POLICY = Policy(idle_seconds=30 * 60.0, start_after_seconds=60.0)
