@@ -66,9 +66,9 @@ def run_daemon(settings: object, stop: threading.Event | None = None) -> int:
 
 def main() -> int:
     """Console script ``gpuctl-adapter``: settings from the environment (GPUCTL_*) and the profile file."""
-    from adapter._logging import configure
     from adapter.settings import load_adapter_settings
     from gpuctl.errors import GpuctlError
+    from gpuctl.logs import configure
 
     configure()
     try:

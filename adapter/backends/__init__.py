@@ -19,7 +19,15 @@ if TYPE_CHECKING:
     from gpuctl.aws.s3 import ObjectStore
     from gpuctl.models import JobMessage, JobRequest
 
-__all__ = ["Backend", "BackendJob", "BackendNotReady", "BackendResult", "JobControl", "make_backend"]
+__all__ = [
+    "Backend",
+    "BackendJob",
+    "BackendNotReady",
+    "BackendResult",
+    "JobControl",
+    "make_backend",
+    "poll_until_ready",
+]
 
 
 class BackendNotReady(Exception):
@@ -113,3 +121,34 @@ def make_backend(settings: AdapterSettings, store: ObjectStore) -> Backend:
     from adapter.workflow import load_templates
 
     return ComfyBackend(settings, store, load_templates(settings.workflows_dir))
+
+
+def poll_until_ready(
+    probe: Callable[[], str | None], *, what: str, timeout: float, stop: threading.Event, log_event: str
+) -> None:
+    """Call ``probe`` (None = ready, else the problem) with a growing delay until it is ready.
+
+    A backend that is still starting (ComfyUI loading its nodes) answers nothing, or 5xx, for a while;
+    there is no event to wait on, so this is a bounded wait with backoff, logged every 10 s.
+
+    Raises:
+        BackendNotReady: not ready within ``timeout`` seconds, or ``stop`` was set.
+    """
+    import logging
+
+    log = logging.getLogger("adapter.backends")
+    deadline = time.monotonic() + timeout
+    delay, next_log = 0.5, 0.0
+    while True:
+        problem = probe()
+        if problem is None:
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            raise BackendNotReady(f"{what} is not ready after {timeout:.0f} s: {problem}")
+        if now >= next_log:
+            log.info(log_event, extra={"what": what, "problem": problem})
+            next_log = now + 10.0
+        if stop.wait(delay):
+            raise BackendNotReady(f"stopped while waiting for {what}")
+        delay = min(delay * 1.5, 5.0)

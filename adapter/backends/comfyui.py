@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import stamina
 
-from adapter.backends import BackendJob, BackendNotReady, BackendResult, JobControl
+from adapter.backends import BackendJob, BackendNotReady, BackendResult, JobControl, poll_until_ready
 from adapter.errors import (
     JobInterrupted,
     PermanentJobError,
@@ -210,27 +210,21 @@ class ComfyBackend:
     # --- lifecycle --------------------------------------------------------------------------------
     def wait_ready(self, stop: threading.Event) -> None:
         needed = sorted(set().union(*(t.node_classes for t in self._templates.values())))
-        deadline = time.monotonic() + self._settings.ready_timeout
-        delay, next_log = 0.5, 0.0
-        while True:
+        missing: list[str] = []
+
+        def probe() -> str | None:
+            nonlocal missing
             try:
                 response = self._http.get("/system_stats")
                 response.raise_for_status()
                 self.version = str(response.json().get("system", {}).get("comfyui_version", "")) or None
                 missing = [c for c in needed if not self._http.get(f"/object_info/{c}").json()]
-                break
             except (httpx.HTTPError, ValueError, AttributeError) as exc:
-                problem = repr(exc)
-            now = time.monotonic()
-            if now >= deadline:
-                raise BackendNotReady(f"ComfyUI at {self._settings.base_url} is not ready after "
-                                      f"{self._settings.ready_timeout:.0f} s: {problem}")
-            if now >= next_log:
-                log.info("comfyui.waiting", extra={"url": self._settings.base_url, "problem": problem})
-                next_log = now + 10.0
-            if stop.wait(delay):
-                raise BackendNotReady("stopped while waiting for ComfyUI")
-            delay = min(delay * 1.5, 5.0)
+                return repr(exc)
+            return None
+
+        poll_until_ready(probe, what=f"ComfyUI at {self._settings.base_url}", timeout=self._settings.ready_timeout,
+                         stop=stop, log_event="comfyui.waiting")
         if missing:
             # Node classes are registered before ComfyUI's HTTP server listens: waiting will not help.
             raise BackendNotReady(f"ComfyUI at {self._settings.base_url} lacks node classes the workflows "

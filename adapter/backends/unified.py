@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import stamina
 
-from adapter.backends import BackendJob, BackendNotReady, BackendResult
+from adapter.backends import BackendJob, BackendResult, poll_until_ready
 from adapter.errors import JobInterrupted, PermanentJobError, TransientJobError, is_transient_http
 
 if TYPE_CHECKING:
@@ -36,27 +36,16 @@ class UnifiedBackend:
                                   transport=transport)
 
     def wait_ready(self, stop: threading.Event) -> None:
-        deadline = time.monotonic() + self._settings.ready_timeout
-        delay, next_log = 0.5, 0.0
-        while True:
+        def probe() -> str | None:
             try:
                 response = self._http.get("/health")
-                if response.status_code < 500:
-                    log.info("unified.ready", extra={"url": self._settings.base_url})
-                    return
-                problem = f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
-                problem = repr(exc)
-            now = time.monotonic()
-            if now >= deadline:
-                raise BackendNotReady(f"the unified API at {self._settings.base_url} is not ready after "
-                                      f"{self._settings.ready_timeout:.0f} s: {problem}")
-            if now >= next_log:
-                log.info("unified.waiting", extra={"url": self._settings.base_url, "problem": problem})
-                next_log = now + 10.0
-            if stop.wait(delay):
-                raise BackendNotReady("stopped while waiting for the unified API")
-            delay = min(delay * 1.5, 5.0)
+                return repr(exc)
+            return f"HTTP {response.status_code}" if response.status_code >= 500 else None
+
+        poll_until_ready(probe, what=f"the unified API at {self._settings.base_url}",
+                         timeout=self._settings.ready_timeout, stop=stop, log_event="unified.waiting")
+        log.info("unified.ready", extra={"url": self._settings.base_url})
 
     def close(self) -> None:
         self._http.close()

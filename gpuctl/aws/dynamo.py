@@ -242,6 +242,39 @@ class JobTable:
             raise NotFound(f"Job {task_id} does not exist.")
         return self._decode(item)
 
+    def _pages(self, query: dict[str, Any], *, limit: int | None) -> Iterator[dict[str, Any]]:
+        """Query pages on the status index, asking for no more than ``limit`` items in all."""
+        import botocore.exceptions
+
+        start_key: dict[str, Any] | None = None
+        remaining = limit
+        while remaining is None or remaining > 0:
+            kwargs = {"TableName": self.table_name, "IndexName": GSI_STATUS_CREATED, **query}
+            if remaining is not None:
+                kwargs["Limit"] = remaining
+            if start_key:
+                kwargs["ExclusiveStartKey"] = start_key
+            try:
+                page: dict[str, Any] = dict(self._client.query(**kwargs))
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                raise translate(exc, self._what()) from exc
+            yield page
+            if remaining is not None:
+                remaining -= int(page.get("Count", 0))
+            start_key = page.get("LastEvaluatedKey")
+            if not start_key:
+                return
+
+    @staticmethod
+    def _status_key(status: JobStatus, since: float | None = None) -> dict[str, Any]:
+        values: dict[str, Any] = {":s": {"S": status.value}}
+        key = "#s = :s"
+        if since is not None:
+            key += " AND created_at >= :since"
+            values[":since"] = {"N": _num(since)}
+        return {"KeyConditionExpression": key, "ExpressionAttributeNames": {"#s": "status"},
+                "ExpressionAttributeValues": values}
+
     def query_status(
         self,
         status: JobStatus,
@@ -251,67 +284,15 @@ class JobTable:
         newest_first: bool = True,
     ) -> Iterator[JobRecord]:
         """Jobs in ``status`` from the GSI, newest first, reading no more items than ``limit``."""
-        import botocore.exceptions
-
-        values: dict[str, Any] = {":s": {"S": status.value}}
-        key = "#s = :s"
-        if since is not None:
-            key += " AND created_at >= :since"
-            values[":since"] = {"N": _num(since)}
-        start_key: dict[str, Any] | None = None
-        remaining = limit
-        while remaining is None or remaining > 0:
-            kwargs: dict[str, Any] = {
-                "TableName": self.table_name,
-                "IndexName": GSI_STATUS_CREATED,
-                "KeyConditionExpression": key,
-                "ExpressionAttributeNames": {"#s": "status"},
-                "ExpressionAttributeValues": values,
-                "ScanIndexForward": not newest_first,
-            }
-            if remaining is not None:
-                kwargs["Limit"] = remaining
-            if start_key:
-                kwargs["ExclusiveStartKey"] = start_key
-            try:
-                page = self._client.query(**kwargs)
-            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-                raise translate(exc, self._what()) from exc
+        query = {**self._status_key(status, since), "ScanIndexForward": not newest_first}
+        for page in self._pages(query, limit=limit):
             for item in page.get("Items", []):
                 yield self._decode(item)
-            if remaining is not None:
-                remaining -= len(page.get("Items", []))
-            start_key = page.get("LastEvaluatedKey")
-            if not start_key:
-                return
 
     def count_status(self, status: JobStatus, *, cap: int | None = None) -> int:
         """How many jobs are in ``status`` (stops counting at ``cap`` when given)."""
-        import botocore.exceptions
-
-        total = 0
-        start_key: dict[str, Any] | None = None
-        while True:
-            kwargs: dict[str, Any] = {
-                "TableName": self.table_name,
-                "IndexName": GSI_STATUS_CREATED,
-                "KeyConditionExpression": "#s = :s",
-                "ExpressionAttributeNames": {"#s": "status"},
-                "ExpressionAttributeValues": {":s": {"S": status.value}},
-                "Select": "COUNT",
-            }
-            if cap is not None:
-                kwargs["Limit"] = cap - total
-            if start_key:
-                kwargs["ExclusiveStartKey"] = start_key
-            try:
-                page = self._client.query(**kwargs)
-            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-                raise translate(exc, self._what()) from exc
-            total += page.get("Count", 0)
-            start_key = page.get("LastEvaluatedKey")
-            if not start_key or (cap is not None and total >= cap):
-                return total
+        query = {**self._status_key(status), "Select": "COUNT"}
+        return sum(int(page.get("Count", 0)) for page in self._pages(query, limit=cap))
 
 
 def _now() -> float:

@@ -34,8 +34,8 @@ def run(
         gpuctl --endpoint-url http://127.0.0.1:5000 adapter run --backend-url http://127.0.0.1:8188
     """
     from adapter.__main__ import run_daemon
-    from adapter._logging import configure
     from adapter.settings import load_adapter_settings
+    from gpuctl.logs import configure
 
     settings = load_adapter_settings(**state(ctx).overrides, backend=backend, backend_url=backend_url,
                                      inflight=inflight)

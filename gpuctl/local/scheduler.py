@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import signal
 import sys
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
@@ -31,21 +29,6 @@ __all__ = ["READY_EVENT", "load_handler", "main"]
 log = logging.getLogger("gpuctl.local.scheduler")
 
 READY_EVENT = "local_scheduler.ready"
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
 
 
 def load_handler(lambda_dir: Path | None = None) -> ModuleType:
@@ -94,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     import botocore.exceptions
 
     args = _parser().parse_args(argv)
-    handler_log = logging.StreamHandler(sys.stderr)
-    handler_log.setFormatter(_JsonFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[handler_log])
+    from gpuctl.logs import configure
+
+    configure("INFO")
     for noisy in ("botocore", "boto3", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # The handler logs its full decision record on every run (one per invocation on AWS); every few

@@ -1,4 +1,5 @@
-"""journald-friendly logging: one JSON object per line on stderr, with the ``extra=`` fields as keys."""
+"""journald-friendly logging for the daemons (adapter, local scheduler): one JSON object per line on stderr,
+with the ``extra=`` fields as keys."""
 
 from __future__ import annotations
 
