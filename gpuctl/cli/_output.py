@@ -79,11 +79,11 @@ class Renderer:
     def note(self, message: str) -> None:
         """Chatter for people, on stderr; silent with -q or --output json."""
         if not self.quiet and not self.json:
-            err_console().print(message, highlight=False)
+            err_console().print(message, highlight=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
         """A warning on stderr, always (it is never data)."""
-        err_console().print(f"[bold yellow]Warning:[/] {message}", highlight=False)
+        err_console().print(f"[bold yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
 
     def table(self, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None) -> None:
         from rich.table import Table

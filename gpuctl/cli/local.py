@@ -279,7 +279,8 @@ class _Steps(AbstractContextManager["_Steps"]):
         if self._status is not None:
             self._status.update(message)
         if not self._out.json and not self._out.quiet:
-            err_console().print(f"[dim]{time.monotonic() - self._t0:6.1f}s[/] {message}", highlight=False)
+            elapsed = time.monotonic() - self._t0
+            err_console().print(f"[dim]{elapsed:6.1f}s[/] {message}", highlight=False, soft_wrap=True)
 
 
 class _DemoView(AbstractContextManager["_DemoView"]):
@@ -299,7 +300,8 @@ class _DemoView(AbstractContextManager["_DemoView"]):
 
     def step(self, message: str) -> None:
         if not self._out.json:
-            err_console().print(f"[dim]{time.monotonic() - self._t0:6.1f}s[/] {message}", highlight=False)
+            elapsed = time.monotonic() - self._t0
+            err_console().print(f"[dim]{elapsed:6.1f}s[/] {message}", highlight=False, soft_wrap=True)
 
     def update(self, job: DemoJob, record: JobRecord) -> None:
         self._jobs[job.job_id] = (job, record)

@@ -202,7 +202,7 @@ def _render_batch(out: Renderer, result: BatchResult) -> None:
     if result.instance is not None and result.instance.warning:
         out.warn(result.instance.warning)
     for failure in result.failures:
-        err_console().print(f"[bold red]Row {failure.row}:[/] {failure.message}", highlight=False)
+        err_console().print(f"[bold red]Row {failure.row}:[/] {failure.message}", highlight=False, soft_wrap=True)
     if out.json:
         out.data({"job_ids": result.job_ids,
                   "failures": [{"row": f.row, "error": f.message} for f in result.failures],
