@@ -111,6 +111,12 @@ class Heartbeat(threading.Thread):
                 condition="worker = :me", condition_values={":me": self._settings.worker_id},
             )
         except TransitionRefused as exc:
+            with self._lock:
+                still_ours = self._jobs.get(job.task_id) is job
+            if not still_ours:
+                # The job thread finished and unregistered it between our snapshot and this write:
+                # the refusal is our own completion, not a lost claim.
+                return
             current = exc.current
             job.finished_elsewhere = current is None or current.status.is_finished
             log.warning("adapter.claim_lost", extra={
