@@ -30,7 +30,8 @@ import httpx
 from aiohttp import web
 from PIL import Image
 
-from gpuctl.models import build_camera_prompt
+from gpuctl.errors import UsageError
+from gpuctl.models import JobType, build_camera_prompt, parse_request
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -182,67 +183,36 @@ class UnifiedJob:
         }
 
 
-def _int_field(body: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise RequestError(f"{name} must be an integer in {lo}..{hi}")
-    return value
-
-
-def _float_field(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise RequestError(f"{name} must be a number in {lo}..{hi}")
-    return float(value)
-
-
-def _str_field(body: dict[str, Any], name: str, default: str | None, *, required: bool = False) -> str | None:
-    value = body.get(name, default)
-    if value is None:
-        if required:
-            raise RequestError(f"{name} is required")
-        return None
-    if not isinstance(value, str) or (required and not value.strip()):
-        raise RequestError(f"{name} must be a non-empty string")
-    return value
-
-
-def _check_url(url: str | None, name: str) -> None:
+def _check_url(url: Any, name: str) -> None:
     if url is None:
         return
-    scheme = urlsplit(url).scheme
-    if scheme not in ("file", "http", "https", "s3"):
+    if not isinstance(url, str) or urlsplit(url).scheme not in ("file", "http", "https", "s3"):
         raise RequestError(f"{name} must be an s3://, https://, http://127.0.0.1 or file:// URL")
 
 
+_IMAGE_FIELDS = ("image_url", "image2_url", "image3_url")
+
+
 def normalise_request(kind: str, body: Any) -> dict[str, Any]:
-    """Validate a request body and fill the defaults of SPEC §3 (raises RequestError)."""
+    """Validate a request body with gpuctl's domain model and fill the defaults of SPEC §3.
+
+    The stand-in also takes file:// and loopback http:// images (tests have no S3 or https server), so the
+    image URLs are checked here and stand-ins take their place while the model checks the rest.
+
+    Raises:
+        RequestError: the body is not a valid request for ``kind``.
+    """
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
-    out: dict[str, Any] = {"image_url": _str_field(body, "image_url", None, required=True)}
-    _check_url(out["image_url"], "image_url")
-    out["seed"] = _int_field(body, "seed", None, 0, 2**64 - 1)
-    if kind == "camera-angle":
-        out["vertical"] = _int_field(body, "vertical", 0, -2, 2)
-        out["horizontal"] = _int_field(body, "horizontal", 0, -2, 2)
-        out["zoom"] = _int_field(body, "zoom", 0, -1, 1)
-        out["steps"] = _int_field(body, "steps", 8, 1, 100)
-        prompt = body.get("prompt")
-        if prompt is not None and not isinstance(prompt, str):
-            raise RequestError("prompt must be a string")
-        out["prompt"] = prompt if prompt and prompt.strip() else None
-    else:
-        out["prompt"] = _str_field(body, "prompt", None, required=True)
-        for name in ("image2_url", "image3_url"):
-            out[name] = _str_field(body, name, None)
-            _check_url(out[name], name)
-        out["steps"] = _int_field(body, "steps", 4, 1, 100)
-        out["cfg"] = _float_field(body, "cfg", 1.0, 0.0, 100.0)
-        out["sampler_name"] = _str_field(body, "sampler_name", "sa_solver", required=True)
-        out["scheduler"] = _str_field(body, "scheduler", "beta", required=True)
-        out["denoise"] = _float_field(body, "denoise", 1.0, 0.0, 1.0)
+    for name in _IMAGE_FIELDS:
+        _check_url(body.get(name), name)
+    placeholders = {name: f"s3://stand-in/{name}" for name in _IMAGE_FIELDS if body.get(name) is not None}
+    try:
+        request = parse_request(JobType(kind), {**body, **placeholders})
+    except UsageError as exc:
+        raise RequestError(str(exc)) from None
+    out = request.model_dump(mode="json")
+    out.update({name: body[name] for name in placeholders})
     return out
 
 
