@@ -289,7 +289,7 @@ class MessageHandler:
 
 def _cancel_message() -> str:
     """The same words `gpuctl jobs cancel` writes for a pending job ("cancelled" is what clients look for)."""
-    from gpuctl.services.jobs import CANCEL_MESSAGE
+    from gpuctl.models import CANCEL_MESSAGE
 
     return CANCEL_MESSAGE
 

@@ -152,12 +152,14 @@ def _counted_gateways(res: Resources) -> tuple[Any, RequestCounter]:
 
 
 def bench_requests(res: Resources, rows: int) -> list[tuple[str, str]]:
+    from gpuctl.inputs import ImageLimits
     from gpuctl.models import JobType
     from gpuctl.services.submit import draft_job, submit_batch, submit_draft
 
     out = []
     gw, counter = _counted_gateways(res)
-    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bench/in.png", {"prompt": "sketch"}, max_bytes=1 << 20)
+    limits = ImageLimits(1 << 20, 40_000_000, 12000)
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bench/in.png", {"prompt": "sketch"}, limits=limits)
     submit_draft(gw, draft)
     out.append(("AWS requests, single submit (s3:// input)",
                 f"{counter.total} ({', '.join(f'{k} {v}' for k, v in sorted(counter.by_operation.items()))})"))

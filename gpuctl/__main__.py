@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("GPUCTL_DEBUG", "") not in ("", "0") or "--debug" in args
     try:
-        app(args=args, prog_name="gpuctl", standalone_mode=False)
+        # Without standalone mode Typer *returns* the code of a typer.Exit, and turns Ctrl-C into a returned
+        # 130, instead of raising: the return value is the exit code.
+        returned = app(args=args, prog_name="gpuctl", standalone_mode=False)
     except GpuctlError as exc:
         if debug:
             raise
@@ -37,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         # `gpuctl jobs list | head`: the reader went away; that is not an error.
         sys.stderr.close()
         return 0
-    return 0
+    code = returned if isinstance(returned, int) and not isinstance(returned, bool) else 0
+    if code == EXIT_INTERRUPTED:
+        _error("Interrupted.")
+    return code
 
 
 def _error(message: str) -> None:

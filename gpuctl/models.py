@@ -19,12 +19,16 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gpuctl.errors import UsageError
+from gpuctl.times import stamp
 
 __all__ = [
+    "ACTIVITY_TASK_ID",
+    "CANCEL_MESSAGE",
     "FINISHED",
+    "GPU_API_PATHS",
     "GSI_STATUS_CREATED",
     "CameraAngleRequest",
     "JobMessage",
@@ -37,6 +41,7 @@ __all__ = [
     "build_camera_prompt",
     "can_transition",
     "from_dynamo_value",
+    "is_gpu_job",
     "new_task_id",
     "parse_request",
     "task_id_for_key",
@@ -47,6 +52,11 @@ __all__ = [
 GSI_STATUS_CREATED = "status-created_at-index"
 # Long enough for any real instruction, short enough to keep messages and records small.
 MAX_PROMPT_CHARS = 2000
+#: The error a cancelled job ends with (status stays ``failed``); "cancelled" is the word clients look for.
+CANCEL_MESSAGE = "cancelled by user"
+#: The key of the one activity-marker item in the job table (see gpuctl.aws.dynamo.Activity). It has no
+#: ``status`` attribute, so it never appears in the status index, and it is not a UUID, so no job id names it.
+ACTIVITY_TASK_ID = "gpuctl#activity"
 
 
 class JobStatus(StrEnum):
@@ -116,6 +126,16 @@ def _api_paths() -> list[str]:
     return [t.api_path for t in JobType]
 
 
+#: The api_paths (``job_type`` values) of the GPU's work. Other services share the table (SPEC §11): their
+#: rows (``/api/v1/face-mask/tasks`` …) are listed but never start, keep up or block stopping the GPU.
+GPU_API_PATHS: frozenset[str] = frozenset(_api_paths())
+
+
+def is_gpu_job(job_type: str | None) -> bool:
+    """True when a record's ``job_type`` (the api_path) is one of the GPU job types."""
+    return job_type is not None and job_type.rstrip("/") in GPU_API_PATHS
+
+
 def _check_image_url(value: str | None) -> str | None:
     if value is None:
         return None
@@ -129,13 +149,25 @@ def _check_image_url(value: str | None) -> str | None:
 
 
 class JobRequest(BaseModel):
-    """Fields common to every job type's request body."""
+    """Fields common to every job type's request body.
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    Types are strict (``true`` is not a number, ``"8"`` is not an integer; an integer is a valid float), unknown
+    fields are ignored, and ``null`` for any field means "not given": the default, as the running service
+    treats it.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
     job_type: ClassVar[JobType]
 
     image_url: str
     seed: Annotated[int, Field(ge=0, le=2**64 - 1)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
     @field_validator("image_url")
     @classmethod
@@ -231,14 +263,22 @@ def validation_message(exc: ValidationError, *, subject: str) -> str:
     if first["type"] == "missing":
         return f"{subject}: {where} is required."
     value = first.get("input")
-    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+    shown = f" (got {_short_repr(value)})" if value is not None and not isinstance(value, dict | list) else ""
     return f"{subject}: {where} {msg[0].lower()}{msg[1:]}{shown}."
+
+
+def _short_repr(value: Any) -> str:
+    from gpuctl.inputs import display
+
+    return display(repr(value), limit=60)
 
 
 def parse_request(job_type: JobType, body: Mapping[str, Any]) -> JobRequest:
     """Validate a request body for ``job_type``; raise UsageError with one sentence otherwise."""
     try:
         return job_type.request_model.model_validate(dict(body))
+    except RecursionError:
+        raise UsageError(f"Invalid {job_type.value} request: it is nested too deeply.") from None
     except ValidationError as exc:
         raise UsageError(validation_message(exc, subject=f"Invalid {job_type.value} request")) from None
 
@@ -291,12 +331,16 @@ class JobMessage(BaseModel):
         """Decode a message body; raise UsageError (a poison message) when it is not one of ours."""
         try:
             data = json.loads(body)
+        except RecursionError:
+            raise UsageError("Message body is nested too deeply to be a job message.") from None
         except ValueError:
             raise UsageError("Message body is not JSON.") from None
         if not isinstance(data, dict):
             raise UsageError("Message body is not a JSON object.")
         try:
             message = cls.model_validate(data)
+        except RecursionError:
+            raise UsageError("Message body is nested too deeply to be a job message.") from None
         except ValidationError as exc:
             raise UsageError(validation_message(exc, subject="Invalid job message")) from None
         message.job_type  # noqa: B018 - validates the api_path, raising UsageError
@@ -339,17 +383,35 @@ class JobRecord(BaseModel):
         except UsageError:
             return self.job_type
 
+    @property
+    def cancelled(self) -> bool:
+        """A job that ended because someone cancelled it (its status is ``failed``, for old clients)."""
+        return self.status is JobStatus.FAILED and (self.error_message or "").startswith(CANCEL_MESSAGE)
+
+    @property
+    def is_gpu_job(self) -> bool:
+        return is_gpu_job(self.job_type)
+
     def status_document(self) -> dict[str, Any]:
-        """The job status document of SPEC §3, with gpuctl's extra keys."""
+        """The job status document of SPEC §3 with gpuctl's extra keys.
+
+        ``result_url`` repeats ``result_s3_uri`` (the running service's code returns one, its README the other);
+        times follow gpuctl.times (epoch seconds plus ``_iso``); ``cancelled`` tells a cancel from a failure.
+        """
         return {
             "job_id": self.task_id,
             "status": self.status.value,
             "result_s3_uri": self.result_s3_uri,
+            "result_url": self.result_s3_uri,
             "error": self.error_message,
+            "cancelled": self.cancelled,
             "job_type": self.kind,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
+            **stamp("created_at", self.created_at),
+            **stamp("updated_at", self.updated_at),
+            **stamp("finished_at", self.finished_at),
             "progress": self.progress,
+            "attempts": self.attempts,
+            "worker": self.worker,
             "retry_of": self.retry_of,
         }
 

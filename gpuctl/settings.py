@@ -63,7 +63,10 @@ class Settings(BaseSettings):
 
     inputs_prefix: str = "inputs/"
     results_prefix: str = "results/"
+    # Image limits (gpuctl.inputs.ImageLimits): the CLI and the adapter refuse larger inputs alike.
     max_image_mb: float = Field(default=20.0, gt=0)
+    max_image_megapixels: float = Field(default=40.0, gt=0)
+    max_image_side: int = Field(default=12000, ge=16)
     job_ttl_days: int = Field(default=30, ge=1)
     presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 

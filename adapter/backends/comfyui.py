@@ -34,6 +34,7 @@ from adapter.errors import (
 )
 from adapter.inputs import check_image, fetch_input
 from adapter.workflow import WorkflowError, WorkflowTemplate, request_values
+from gpuctl.inputs import ImageLimits
 
 if TYPE_CHECKING:
     from adapter.settings import AdapterSettings
@@ -246,12 +247,12 @@ class ComfyBackend:
     def run(self, job: BackendJob, control: JobControl) -> BackendResult:
         template = self._templates[job.message.job_type]
         inputs: dict[str, tuple[bytes, str]] = {}
-        max_bytes = int(self._settings.max_image_mb * 1024 * 1024)
+        limits = ImageLimits.from_settings(self._settings)
         for field in template.images:
             url = getattr(job.request, field, None)
             if url:
-                data = fetch_input(url, store=self._store, http=self._inputs_http, max_bytes=max_bytes)
-                inputs[field] = (data, check_image(data, url))
+                data = fetch_input(url, store=self._store, http=self._inputs_http, max_bytes=limits.max_bytes)
+                inputs[field] = (data, check_image(data, url, limits))
         values = request_values(job.request, secrets.randbelow(_MAX_SEED))
         for submission in range(self._settings.max_resubmits + 1):
             names = {field: self._upload(job.task_id, i, data, ext)

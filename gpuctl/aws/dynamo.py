@@ -4,18 +4,79 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gpuctl.aws._errors import error_code, translate
 from gpuctl.errors import Conflict, NotFound
-from gpuctl.models import GSI_STATUS_CREATED, JobRecord, JobStatus, allowed_sources
+from gpuctl.models import ACTIVITY_TASK_ID, GSI_STATUS_CREATED, JobRecord, JobStatus, allowed_sources
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
 
-__all__ = ["JobAlreadyExists", "JobTable", "TransitionRefused"]
+__all__ = ["ADAPTER_FRESH_SECONDS", "Activity", "JobAlreadyExists", "JobTable", "TransitionRefused"]
 
 _BATCH_WRITE_MAX = 25
+#: An adapter that wrote the marker this recently (and no stop was decided since) is polling: its instance runs.
+ADAPTER_FRESH_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Activity:
+    """The activity marker: one item of the job table (``task_id`` = ``gpuctl#activity``, no ``status``, so it
+    is in no status-index query) that says when the GPU last had work, without sampling the jobs.
+
+    Who writes what (each with a write it makes anyway, or one small UpdateItem):
+
+    * ``last_submit_at``: every submit (CLI, HTTP API) after its message is queued. Work arriving is activity.
+    * ``last_finished_at``: the adapter, when it finishes a job (coalesced with its liveness write).
+    * ``adapter_seen_at`` / ``adapter_state`` (``running`` | ``draining`` | ``stopped``) / ``adapter_worker`` /
+      ``jobs_in_hand``: the adapter, while it polls (at most every few seconds) and when it stops.
+    * ``stop_fence_at``: whoever is about to stop the instance (the scheduler, ``gpuctl instance stop``), before
+      StopInstances. The scheduler writes it only if ``last_submit_at`` is unchanged since it read the facts,
+      so a submit that raced its decision cancels the stop.
+
+    Readers: the scheduler (last activity = the newest of the two ``last_*`` and the last start) and submit,
+    which skips EC2 altogether while :meth:`adapter_fresh` says an adapter is polling.
+    """
+
+    last_submit_at: float | None = None
+    last_finished_at: float | None = None
+    adapter_seen_at: float | None = None
+    adapter_state: str | None = None
+    adapter_worker: str | None = None
+    jobs_in_hand: int | None = None
+    stop_fence_at: float | None = None
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> Activity:
+        def num(name: str) -> float | None:
+            value = item.get(name)
+            try:
+                return None if value is None or isinstance(value, bool) else float(value)
+            except (TypeError, ValueError):
+                return None
+
+        def text(name: str) -> str | None:
+            value = item.get(name)
+            return value if isinstance(value, str) else None
+
+        in_hand = num("jobs_in_hand")
+        return cls(num("last_submit_at"), num("last_finished_at"), num("adapter_seen_at"), text("adapter_state"),
+                   text("adapter_worker"), None if in_hand is None else int(in_hand), num("stop_fence_at"))
+
+    def adapter_fresh(self, now: float, within: float = ADAPTER_FRESH_SECONDS) -> bool:
+        """An adapter reported itself polling within ``within`` s and no stop was decided since."""
+        if self.adapter_state != "running" or self.adapter_seen_at is None:
+            return False
+        if self.stop_fence_at is not None and self.stop_fence_at >= self.adapter_seen_at:
+            return False
+        return 0 <= now - self.adapter_seen_at <= within
+
+    @property
+    def last_activity_at(self) -> float | None:
+        times = [t for t in (self.last_submit_at, self.last_finished_at) if t is not None]
+        return max(times) if times else None
 
 
 class JobAlreadyExists(Conflict):
@@ -221,6 +282,59 @@ class JobTable:
         except botocore.exceptions.BotoCoreError as exc:
             raise translate(exc, self._what()) from exc
         return self._decode(response["Attributes"])
+
+    # --- the activity marker -------------------------------------------------------------------
+    def _marker_update(self, sets: Mapping[str, Any], *, returning: bool) -> dict[str, Any]:
+        import botocore.exceptions
+
+        from gpuctl.models import to_dynamo_value
+
+        names = {f"#a{i}": key for i, key in enumerate(sets)}
+        values = self._encode({f":a{i}": to_dynamo_value(v) for i, v in enumerate(sets.values())})
+        try:
+            response = self._client.update_item(
+                TableName=self.table_name,
+                Key={"task_id": {"S": ACTIVITY_TASK_ID}},
+                UpdateExpression="SET " + ", ".join(f"#a{i} = :a{i}" for i in range(len(sets))),
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW" if returning else "NONE",
+            )
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise translate(exc, self._what()) from exc
+        return {k: self._de.deserialize(v) for k, v in response.get("Attributes", {}).items()}
+
+    def note_submit(self, now: float | None = None) -> Activity:
+        """Record that work arrived (after its message is queued); return the marker as it is now.
+
+        One UpdateItem that both records the arrival and reads whether an adapter is polling.
+        """
+        return Activity.from_item(self._marker_update({"last_submit_at": now or _now()}, returning=True))
+
+    def note_adapter(self, worker: str, *, state: str, jobs_in_hand: int, now: float | None = None,
+                     finished_at: float | None = None) -> None:
+        """Record that an adapter is alive (``running``), draining or stopped, and its latest finished job."""
+        sets: dict[str, Any] = {"adapter_seen_at": now or _now(), "adapter_state": state,
+                                "adapter_worker": worker, "jobs_in_hand": jobs_in_hand}
+        if finished_at is not None:
+            sets["last_finished_at"] = finished_at
+        self._marker_update(sets, returning=False)
+
+    def note_stop(self, now: float | None = None) -> None:
+        """Record that the instance is being stopped (before StopInstances), so submits start it again."""
+        self._marker_update({"stop_fence_at": now or _now()}, returning=False)
+
+    def read_activity(self) -> Activity:
+        """The marker, read consistently (all None when nothing has written it yet)."""
+        import botocore.exceptions
+
+        try:
+            response = self._client.get_item(TableName=self.table_name,
+                                              Key={"task_id": {"S": ACTIVITY_TASK_ID}}, ConsistentRead=True)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise translate(exc, self._what()) from exc
+        item = {k: self._de.deserialize(v) for k, v in response.get("Item", {}).items()}
+        return Activity.from_item(item)
 
     # --- reads ---------------------------------------------------------------------------------
     def get(self, task_id: str) -> JobRecord:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,9 +13,15 @@ from gpuctl.errors import NotFound, UsageError
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-__all__ = ["ObjectStore", "parse_s3_uri"]
+__all__ = ["ObjectHead", "ObjectStore", "parse_s3_uri"]
 
 Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ObjectHead:
+    size: int
+    content_type: str | None
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -82,6 +89,39 @@ class ObjectStore:
 
         try:
             return int(self._client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._fail(exc, bucket, key) from exc
+
+    def head(self, bucket: str, key: str) -> ObjectHead:
+        """The object's size and content type (one HeadObject).
+
+        Raises:
+            NotFound: no such object.
+        """
+        import botocore.exceptions
+
+        try:
+            response = self._client.head_object(Bucket=bucket, Key=key)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._fail(exc, bucket, key) from exc
+        return ObjectHead(int(response["ContentLength"]), response.get("ContentType") or None)
+
+    def get_range(self, bucket: str, key: str, length: int) -> bytes:
+        """The first ``length`` bytes of the object (a ranged GET)."""
+        import botocore.exceptions
+
+        try:
+            response = self._client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max(0, length - 1)}")
+            return response["Body"].read()
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._fail(exc, bucket, key) from exc
+
+    def delete(self, bucket: str, key: str) -> None:
+        """Delete one object (deleting a missing one is not an error, as in S3)."""
+        import botocore.exceptions
+
+        try:
+            self._client.delete_object(Bucket=bucket, Key=key)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             raise self._fail(exc, bucket, key) from exc
 

@@ -151,6 +151,7 @@ def _submit_one(ctx: typer.Context, kind: str, image: str, fields: dict[str, Any
                 require: bool, output: Any, quiet: bool) -> None:
     """The shared body of both job-type commands: draft, submit, render, and optionally follow."""
     from gpuctl.errors import UsageError
+    from gpuctl.inputs import ImageLimits
     from gpuctl.models import JobType
     from gpuctl.services.submit import draft_job, submit_draft
 
@@ -158,8 +159,8 @@ def _submit_one(ctx: typer.Context, kind: str, image: str, fields: dict[str, Any
         raise UsageError("--download needs --wait (the result exists only once the job completes).")
     app_state = state(ctx)
     out = app_state.renderer(output, quiet)
-    max_bytes = int(app_state.settings.max_image_mb * 1024 * 1024)
-    draft = draft_job(JobType(kind), image, fields, max_bytes=max_bytes, extra_images=extra)
+    limits = ImageLimits.from_settings(app_state.settings)
+    draft = draft_job(JobType(kind), image, fields, limits=limits, extra_images=extra)
     with _upload_progress(out) as progress:
         result = submit_draft(app_state.gateways, draft, idempotency_key=key, start_instance=not no_start,
                               require_instance=require, on_progress=progress)

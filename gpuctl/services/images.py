@@ -6,20 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from gpuctl.errors import UsageError
+from gpuctl.inputs import ImageLimits, InputRejected, inspect_image
 
 __all__ = ["ImageRef", "check_local_image", "resolve_image"]
-
-_CONTENT_TYPES = {
-    "JPEG": "image/jpeg",
-    "MPO": "image/jpeg",
-    "PNG": "image/png",
-    "WEBP": "image/webp",
-    "BMP": "image/bmp",
-    "GIF": "image/gif",
-    "TIFF": "image/tiff",
-}
-_MAX_SIDE = 16384
-
 
 @dataclass(frozen=True)
 class ImageRef:
@@ -35,47 +24,26 @@ class ImageRef:
         return self.path is not None
 
 
-def check_local_image(path: Path, *, max_bytes: int) -> ImageRef:
-    """Check that ``path`` is a readable image no larger than ``max_bytes``.
+def check_local_image(path: Path, *, limits: ImageLimits) -> ImageRef:
+    """Check that ``path`` is a readable image within ``limits``.
 
     Raises:
-        UsageError: one sentence saying what is wrong with the file.
+        InputRejected: one sentence saying what is wrong with the file.
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not path.exists():
-        raise UsageError(f"Image file {path} does not exist.")
+        raise InputRejected(f"Image file {path} does not exist.")
+    if path.is_dir():
+        raise InputRejected(f"{path} is a directory, not an image file.")
     if not path.is_file():
-        raise UsageError(f"{path} is not a file.")
+        raise InputRejected(f"{path} is not a regular file.")
     size = path.stat().st_size
     if size == 0:
-        raise UsageError(f"Image file {path} is empty.")
-    if size > max_bytes:
-        raise UsageError(
-            f"Image file {path} is {size / 1e6:.1f} MB, larger than the {max_bytes / 1e6:.0f} MB limit "
-            "(GPUCTL_MAX_IMAGE_MB)."
-        )
-    try:
-        with Image.open(path) as img:
-            fmt = img.format or ""
-            width, height = img.size
-            img.verify()
-    except PermissionError:
-        raise UsageError(f"Image file {path} is not readable (permission denied).") from None
-    except UnidentifiedImageError:
-        raise UsageError(f"{path} is not an image Pillow can read (JPEG, PNG, WebP …).") from None
-    except Image.DecompressionBombError:
-        raise UsageError(f"{path} has too many pixels to be a safe input image.") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UsageError(f"{path} is not a valid image: {exc}.") from None
-    if fmt not in _CONTENT_TYPES:
-        raise UsageError(f"{path} is a {fmt or 'unknown'} image; use JPEG, PNG, WebP, BMP, GIF or TIFF.")
-    if max(width, height) > _MAX_SIDE:
-        raise UsageError(f"{path} is {width}x{height}; the largest side may be at most {_MAX_SIDE} pixels.")
-    return ImageRef(path=path, content_type=_CONTENT_TYPES[fmt], size=size)
+        raise InputRejected(f"Image file {path} is empty.")
+    info = inspect_image(path, name=f"Image file {path}", limits=limits, size=size)
+    return ImageRef(path=path, content_type=info.content_type, size=size)
 
 
-def resolve_image(reference: str, *, max_bytes: int) -> ImageRef:
+def resolve_image(reference: str, *, limits: ImageLimits) -> ImageRef:
     """Classify and check an IMAGE argument without touching the network.
 
     Raises:
@@ -93,7 +61,7 @@ def resolve_image(reference: str, *, max_bytes: int) -> ImageRef:
     if reference.startswith(("http://", "ftp://", "file://")):
         scheme = reference.split(":", 1)[0]
         raise UsageError(f"{scheme}:// image URLs are not accepted; use https://, s3:// or a local file.")
-    return check_local_image(Path(reference).expanduser(), max_bytes=max_bytes)
+    return check_local_image(Path(reference).expanduser(), limits=limits)
 
 
 def input_key(prefix: str, task_id: str, path: Path, index: int) -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from gpuctl.errors import Conflict, UsageError
-from gpuctl.models import JobRecord, JobStatus, JobType, parse_request
+from gpuctl.models import CANCEL_MESSAGE, JobRecord, JobStatus, JobType, parse_request
 
 if TYPE_CHECKING:
     from gpuctl.services.context import Gateways
@@ -33,9 +33,6 @@ __all__ = [
     "result_url",
     "retry_job",
 ]
-
-#: The error a cancelled job ends with; "cancelled" is the word clients look for.
-CANCEL_MESSAGE = "cancelled by user"
 
 _SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -800,6 +800,7 @@ def run_demo(
 
 def _demo_jobs(settings: Settings, result: DemoResult, step: Step,
                on_change: Callable[[DemoJob, JobRecord], None] | None, timeout: float) -> None:
+    from gpuctl.inputs import ImageLimits
     from gpuctl.models import JobType
     from gpuctl.services.context import Gateways
     from gpuctl.services.submit import draft_job, submit_draft
@@ -811,7 +812,7 @@ def _demo_jobs(settings: Settings, result: DemoResult, step: Step,
     for kind, fields in DEMO_JOBS:
         t0 = time.monotonic()
         draft = draft_job(JobType(kind), str(result.sample), fields,
-                          max_bytes=int(settings.max_image_mb * 1024 * 1024))
+                          limits=ImageLimits.from_settings(settings))
         submitted = submit_draft(gw, draft)
         result.jobs.append(DemoJob(kind, submitted.record.task_id, time.monotonic() - t0))
     by_id = {job.job_id: job for job in result.jobs}

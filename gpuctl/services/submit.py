@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpuctl.errors import GpuctlError, UsageError
+from gpuctl.inputs import ImageLimits
 from gpuctl.models import (
     JobMessage,
     JobRecord,
@@ -87,20 +88,20 @@ class BatchResult:
     instance: StartOutcome | None = None
 
 
-def draft_job(job_type: JobType, image: str, fields: Mapping[str, Any], *, max_bytes: int,
+def draft_job(job_type: JobType, image: str, fields: Mapping[str, Any], *, limits: ImageLimits,
               extra_images: Mapping[str, str] | None = None) -> JobDraft:
     """Check everything about one job without any network call.
 
     Raises:
         UsageError: a bad image reference or file, or a request field out of range.
     """
-    refs: dict[str, ImageRef] = {"image_url": resolve_image(image, max_bytes=max_bytes)}
+    refs: dict[str, ImageRef] = {"image_url": resolve_image(image, limits=limits)}
     for name, reference in (extra_images or {}).items():
         if name not in _IMAGE_FIELDS[1:]:
             raise UsageError(f"{name} is not an image field of {job_type.value}.")
         if job_type is not JobType.QWEN_IMAGE_EDIT:
             raise UsageError(f"{job_type.value} takes one image only.")
-        refs[name] = resolve_image(reference, max_bytes=max_bytes)
+        refs[name] = resolve_image(reference, limits=limits)
     body = {k: v for k, v in fields.items() if v is not None}
     # Validate the request with stand-in URLs for local files; the real s3:// URIs come after upload.
     body.update({name: ref.url or f"s3://local-file/{name}" for name, ref in refs.items()})
@@ -281,7 +282,7 @@ def read_batch_file(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
-def _draft_row(fields: dict[str, Any], *, base: Path, max_bytes: int) -> JobDraft:
+def _draft_row(fields: dict[str, Any], *, base: Path, limits: ImageLimits) -> JobDraft:
     if "__error__" in fields:
         raise UsageError(f"the line {fields['__error__']}")
     fields = dict(fields)
@@ -305,17 +306,17 @@ def _draft_row(fields: dict[str, Any], *, base: Path, max_bytes: int) -> JobDraf
             except ValueError:
                 raise UsageError(f"{key} must be a number (got {fields[key]!r})") from None
     main = images.pop("image_url")
-    return draft_job(job_type, main, fields, max_bytes=max_bytes, extra_images=images)
+    return draft_job(job_type, main, fields, limits=limits, extra_images=images)
 
 
 def validate_batch(rows: Sequence[tuple[int, dict[str, Any]]], *, base: Path,
-                   max_bytes: int) -> tuple[list[JobDraft], list[RowError]]:
+                   limits: ImageLimits) -> tuple[list[JobDraft], list[RowError]]:
     """Draft every row; collect every bad row instead of stopping at the first."""
     drafts: list[JobDraft] = []
     errors: list[RowError] = []
     for number, fields in rows:
         try:
-            drafts.append(_draft_row(fields, base=base, max_bytes=max_bytes))
+            drafts.append(_draft_row(fields, base=base, limits=limits))
         except UsageError as exc:
             errors.append(RowError(number, str(exc).rstrip(".")))
     return drafts, errors
@@ -339,8 +340,7 @@ def submit_batch(
         UsageError: one or more rows are invalid (every bad row is listed; nothing was written).
     """
     rows = read_batch_file(path)
-    max_bytes = int(gw.settings.max_image_mb * 1024 * 1024)
-    drafts, errors = validate_batch(rows, base=path.parent, max_bytes=max_bytes)
+    drafts, errors = validate_batch(rows, base=path.parent, limits=ImageLimits.from_settings(gw.settings))
     if errors:
         lines = "; ".join(f"row {e.row}: {e.message}" for e in errors[:20])
         more = f" (and {len(errors) - 20} more)" if len(errors) > 20 else ""

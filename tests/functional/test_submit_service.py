@@ -9,11 +9,14 @@ import pytest
 from botocore.stub import Stubber
 
 from gpuctl.errors import GpuctlError, NotFound, UsageError
+from gpuctl.inputs import ImageLimits
 from gpuctl.models import JobMessage, JobStatus, JobType
 from gpuctl.services.submit import draft_job, submit_batch, submit_draft
 from tests.helpers import make_image
 
 MB = 1024 * 1024
+LIMITS = ImageLimits(MB, 40_000_000, 12000)
+LIMITS20 = ImageLimits(20 * MB, 40_000_000, 12000)
 
 
 def _messages(gateways) -> list[dict]:
@@ -26,7 +29,7 @@ def test_submit_local_image_uploads_records_queues_and_starts(gateways, tmp_path
     """A local image is uploaded under inputs/, recorded pending, queued, and the instance started."""
     # GIVEN a real image on disk and a stopped instance
     image = make_image(tmp_path / "photo.png")
-    draft = draft_job(JobType.CAMERA_ANGLE, str(image), {"vertical": 2}, max_bytes=20 * MB)
+    draft = draft_job(JobType.CAMERA_ANGLE, str(image), {"vertical": 2}, limits=LIMITS20)
     # WHEN it is submitted
     result = submit_draft(gateways, draft)
     # THEN the record, the message and the upload agree
@@ -47,7 +50,7 @@ def test_submit_local_image_uploads_records_queues_and_starts(gateways, tmp_path
 
 def test_seed_adapter_reads_only_the_three_contract_fields(gateways) -> None:
     """A message gpuctl writes is processable by a reader that knows only task_id/api_path/request_body."""
-    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "sketch"}, max_bytes=MB)
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "sketch"}, limits=LIMITS)
     result = submit_draft(gateways, draft, start_instance=False)
     (message,) = _messages(gateways)
     seed_view = {k: message[k] for k in ("task_id", "api_path", "request_body")}
@@ -59,7 +62,7 @@ def test_seed_adapter_reads_only_the_three_contract_fields(gateways) -> None:
 
 def test_idempotency_key_returns_the_same_job_and_queues_nothing_new(gateways) -> None:
     """Submitting twice with one key gives one job and one message."""
-    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "sketch"}, max_bytes=MB)
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "sketch"}, limits=LIMITS)
     first = submit_draft(gateways, draft, idempotency_key="ci-run-42", start_instance=False)
     second = submit_draft(gateways, draft, idempotency_key="ci-run-42", start_instance=False)
     assert second.reused and not first.reused
@@ -71,7 +74,7 @@ def test_enqueue_failure_marks_the_record_failed(gateways) -> None:
     """When the message cannot be queued the record ends failed with the reason (no orphan pending)."""
     # GIVEN a queue URL that does not exist
     gateways.queue.queue_url = gateways.settings.queue_url.replace("gpu_tasks_queue", "missing")
-    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "sketch"}, max_bytes=MB)
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "sketch"}, limits=LIMITS)
     # WHEN it is submitted THEN the error surfaces
     with pytest.raises(NotFound, match="does not exist"):
         submit_draft(gateways, draft, start_instance=False)
@@ -87,7 +90,7 @@ def test_capacity_error_keeps_the_job_queued_with_a_warning(gateways) -> None:
     with Stubber(ec2) as stub:
         stub.add_client_error("start_instances", service_error_code="InsufficientInstanceCapacity",
                               service_message="We currently do not have sufficient g5.xlarge capacity.")
-        draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "x"}, max_bytes=MB)
+        draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "x"}, limits=LIMITS)
         result = submit_draft(gateways, draft)
     assert result.instance is not None and result.instance.action == "failed"
     assert "InsufficientInstanceCapacity" in (result.instance.warning or "")
@@ -98,7 +101,7 @@ def test_capacity_error_with_require_instance_raises_but_job_stays_queued(gatewa
     """--require-instance turns the start failure into an error; the job itself is not lost."""
     with Stubber(gateways.clients.ec2) as stub:
         stub.add_client_error("start_instances", service_error_code="InsufficientInstanceCapacity")
-        draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "x"}, max_bytes=MB)
+        draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "x"}, limits=LIMITS)
         with pytest.raises(GpuctlError, match="capacity"):
             submit_draft(gateways, draft, require_instance=True)
     assert len(_messages(gateways)) == 1
@@ -130,7 +133,7 @@ def test_bad_input_is_refused_before_anything_is_written(gateways, tmp_path: Pat
     make_image(tmp_path / "ok.png")
     (tmp_path / "notes.txt").write_text("not an image\n")
     with pytest.raises(UsageError, match=message):
-        draft = draft_job(JobType(kind), image, fields, max_bytes=MB)
+        draft = draft_job(JobType(kind), image, fields, limits=LIMITS)
         submit_draft(gateways, draft)
     assert _messages(gateways) == []
     for status in JobStatus:
@@ -142,7 +145,7 @@ def test_oversized_image_is_refused(tmp_path: Path) -> None:
     """A file over the size limit is refused with the limit named."""
     image = make_image(tmp_path / "big.png", size=(256, 256))
     with pytest.raises(UsageError, match="larger than the"):
-        draft_job(JobType.CAMERA_ANGLE, str(image), {}, max_bytes=100)
+        draft_job(JobType.CAMERA_ANGLE, str(image), {}, limits=ImageLimits(100, 40_000_000, 12000))
 
 
 def test_batch_submit_writes_in_batches(gateways, tmp_path: Path) -> None:

@@ -115,7 +115,7 @@ def _resolver(*addresses: str):
 ])
 def test_check_url_refuses_non_public_addresses(address: str):
     """Metadata, loopback, private, link-local, CGNAT, multicast and mapped addresses are refused."""
-    with pytest.raises(PermanentJobError, match="non-public"):
+    with pytest.raises(PermanentJobError, match="only fetches from public addresses"):
         check_url("https://images.example.com/a.png", resolve=_resolver(address))
 
 
@@ -142,7 +142,7 @@ def test_check_image_reads_a_png_and_refuses_garbage(tmp_path: Path):
     """Real image bytes give their extension; anything else is a permanent error."""
     assert check_image(make_image(tmp_path / "a.png").read_bytes(), "s3://b/a.png") == "png"
     assert check_image(make_image(tmp_path / "a.jpg", fmt="JPEG").read_bytes(), "s3://b/a.jpg") == "jpg"
-    with pytest.raises(PermanentJobError, match="not a readable image"):
+    with pytest.raises(PermanentJobError, match="is not an image gpuctl can read"):
         check_image(b"<html>nope</html>", "s3://b/x")
 
 

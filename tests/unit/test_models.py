@@ -127,3 +127,56 @@ def test_record_round_trips_through_the_dynamo_item() -> None:
     assert JobRecord.from_item(item) == record
     assert record.kind == "camera-angle"
     assert set(record.status_document()) >= {"job_id", "status", "result_s3_uri", "error"}
+
+
+# --- strict types, null means default, the status document -----------------------------------------
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"image_url": "s3://b/k", "steps": True}, "steps should be a valid integer"),
+    ({"image_url": "s3://b/k", "steps": "8"}, "steps should be a valid integer"),
+    ({"image_url": "s3://b/k", "seed": 1.5}, "seed should be a valid integer"),
+    ({"image_url": 5}, "image_url should be a valid string"),
+])
+def test_request_types_are_strict(body: dict, message: str) -> None:
+    """`true` is not a number and `"8"` is not an integer."""
+    with pytest.raises(UsageError, match=message):
+        parse_request(JobType.CAMERA_ANGLE, body)
+
+
+def test_null_means_the_default_and_unknown_fields_are_ignored() -> None:
+    """Every optional field may be null (the running service's clients send that); extra keys are ignored."""
+    request = parse_request(JobType.QWEN_IMAGE_EDIT, {
+        "image_url": "s3://b/k", "prompt": "sketch", "image2_url": None, "image3_url": None, "seed": None,
+        "steps": None, "cfg": None, "sampler_name": None, "scheduler": None, "denoise": None, "colour": "red"})
+    assert request.to_body() == {"image_url": "s3://b/k", "prompt": "sketch", "steps": 4, "cfg": 1.0,
+                                 "sampler_name": "sa_solver", "scheduler": "beta", "denoise": 1.0}
+    assert parse_request(JobType.QWEN_IMAGE_EDIT, {"image_url": "s3://b/k", "prompt": "p", "cfg": 2}).cfg == 2.0
+    with pytest.raises(UsageError, match="prompt is required"):
+        parse_request(JobType.QWEN_IMAGE_EDIT, {"image_url": "s3://b/k", "prompt": None})
+
+
+def test_deeply_nested_message_is_a_clean_poison_error() -> None:
+    """A 3000-level nested body is refused as a message, not a RecursionError."""
+    body = '{"task_id": "t", "api_path": "/api/v1/camera-angle/jobs", "request_body": ' + "[" * 3000 + "]" * 3000 + "}"
+    with pytest.raises(UsageError, match="nested too deeply"):
+        JobMessage.from_json(body)
+
+
+def test_status_document_has_both_result_keys_epoch_and_iso_times_and_cancelled() -> None:
+    from gpuctl.models import CANCEL_MESSAGE, JobRecord, JobStatus
+
+    record = JobRecord(task_id="t", status=JobStatus.FAILED, job_type="/api/v1/camera-angle/jobs",
+                       created_at=1796112745.0, updated_at=1796112750.5, error_message=CANCEL_MESSAGE)
+    doc = record.status_document()
+    assert doc["result_s3_uri"] is None and "result_url" in doc
+    assert doc["created_at"] == 1796112745 and doc["created_at_iso"] == "2026-12-01T08:12:25Z"
+    assert doc["updated_at"] == 1796112750.5 and doc["finished_at"] is None
+    assert doc["cancelled"] is True and doc["status"] == "failed"
+
+
+def test_only_gpu_job_types_are_gpu_work() -> None:
+    from gpuctl.models import is_gpu_job
+
+    assert is_gpu_job("/api/v1/camera-angle/jobs") and is_gpu_job("/api/v1/qwen-image-edit/jobs/")
+    assert not is_gpu_job("/api/v1/face-mask/tasks") and not is_gpu_job(None)
