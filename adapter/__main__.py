@@ -12,8 +12,12 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
-__all__ = ["main", "run_daemon"]
+if TYPE_CHECKING:
+    from adapter.backends import Readiness
+
+__all__ = ["check_backend", "main", "run_daemon"]
 
 log = logging.getLogger("adapter")
 
@@ -62,6 +66,28 @@ def run_daemon(settings: object, stop: threading.Event | None = None) -> int:
         logging.shutdown()
         os._exit(code)
     return code
+
+
+def check_backend(settings: object) -> Readiness:
+    """One readiness check of the backend the settings name (``gpuctl adapter check``).
+
+    Raises:
+        ConfigError: the workflow templates are unusable.
+    """
+    from adapter.backends import make_backend
+    from adapter.settings import AdapterSettings
+    from adapter.workflow import WorkflowError
+    from gpuctl.errors import ConfigError
+
+    assert isinstance(settings, AdapterSettings)
+    try:
+        backend = make_backend(settings, None)
+    except WorkflowError as exc:
+        raise ConfigError(f"The workflow templates are unusable: {exc}.") from None
+    try:
+        return backend.check()
+    finally:
+        backend.close()
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ import stamina
 
 from adapter.errors import PermanentJobError, TransientJobError, is_transient_http
 from gpuctl.inputs import (
+    HEADER_BYTES,
     ImageLimits,
     InputRejected,
     InputUnavailable,
@@ -29,7 +30,7 @@ from gpuctl.inputs import (
 if TYPE_CHECKING:
     from gpuctl.aws.s3 import ObjectStore
 
-__all__ = ["check_image", "check_url", "fetch_input"]
+__all__ = ["check_image", "check_input_header", "check_url", "fetch_input"]
 
 _MAX_REDIRECTS = 3
 
@@ -106,3 +107,53 @@ def check_image(data: bytes, url: str, limits: ImageLimits | None = None) -> str
     except InputRejected as exc:
         raise PermanentJobError(str(exc).rstrip(".")) from None
     return info.extension
+
+
+def check_input_header(url: str, *, store: ObjectStore, http: httpx.Client, limits: ImageLimits,
+                       resolve: Resolver | None = None) -> str:
+    """Check an input the adapter does not download itself (the unified API fetches it) from its header only:
+    the same format, size, pixel and side limits, without reading the whole image. Returns its extension.
+
+    Raises:
+        PermanentJobError: refused (see :func:`check_image`), a refused URL, or a missing object.
+        TransientJobError: the resolver could not answer.
+        NotFound / AwsError / httpx.HTTPError: as :func:`fetch_input`.
+    """
+    if url.startswith("s3://"):
+        from gpuctl.aws.s3 import parse_s3_uri
+
+        bucket, key = parse_s3_uri(url)
+        size = store.head(bucket, key).size
+        head = store.get_range(bucket, key, HEADER_BYTES) if size <= limits.max_bytes else b""
+    else:
+        head, size = _https_header(url, http=http, resolve=resolve)
+    try:
+        info = inspect_image(head, name=f"input {redact_url(url)}", limits=limits, verify=False, size=size)
+    except InputRejected as exc:
+        raise PermanentJobError(str(exc).rstrip(".")) from None
+    return info.extension
+
+
+@stamina.retry(on=is_transient_http, attempts=4, timeout=60.0)
+def _https_header(url: str, *, http: httpx.Client, resolve: Resolver | None) -> tuple[bytes, int]:
+    current = url
+    for _ in range(_MAX_REDIRECTS + 1):
+        check_url(current, resolve=resolve)
+        with http.stream("GET", current, follow_redirects=False,
+                         headers={"Range": f"bytes=0-{HEADER_BYTES - 1}"}) as response:
+            if response.is_redirect and "location" in response.headers:
+                current = urljoin(current, response.headers["location"])
+                continue
+            if response.status_code in (404, 410, 401, 403):
+                raise PermanentJobError(f"image URL {redact_url(url)} answered HTTP {response.status_code}")
+            response.raise_for_status()
+            total = response.headers.get("content-range", "").rpartition("/")[2]
+            length = response.headers.get("content-length", "")
+            buf = bytearray()
+            for chunk in response.iter_bytes():
+                buf.extend(chunk)
+                if len(buf) >= HEADER_BYTES:
+                    break
+            size = int(total) if total.isdigit() else int(length) if length.isdigit() else len(buf)
+            return bytes(buf[:HEADER_BYTES]), size
+    raise PermanentJobError(f"image URL {redact_url(url)} redirects more than {_MAX_REDIRECTS} times")

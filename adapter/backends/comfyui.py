@@ -25,13 +25,14 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import stamina
 
-from adapter.backends import BackendJob, BackendNotReady, BackendResult, JobControl, poll_until_ready
+from adapter.backends import BackendJob, BackendResult, JobControl, Readiness
 from adapter.errors import (
     JobInterrupted,
     PermanentJobError,
     TransientJobError,
     is_transient_http,
 )
+from adapter.hygiene import SUBFOLDER, JobFiles
 from adapter.inputs import check_image, fetch_input
 from adapter.workflow import WorkflowError, WorkflowTemplate, request_values
 from gpuctl.inputs import ImageLimits
@@ -41,12 +42,11 @@ if TYPE_CHECKING:
     from gpuctl.aws.s3 import ObjectStore
     from gpuctl.models import JobType
 
-__all__ = ["ComfyBackend", "format_prompt_error", "interpret_history"]
+__all__ = ["ComfyBackend", "combo_options", "format_prompt_error", "interpret_history", "missing_options"]
 
 log = logging.getLogger(__name__)
 
 _TERMINAL_EVENTS = {"execution_success", "execution_error", "execution_interrupted"}
-_UPLOAD_SUBFOLDER = "gpuctl"
 _LOST_CONFIRMATIONS = 2  # "neither in history nor in the queue" this many polls in a row = lost
 _HISTORY_RACE_POLLS = 100  # after a WebSocket end, read history every 30 ms this many times at most
 _MAX_SEED = 2**48
@@ -189,10 +189,54 @@ def _retrying(settings: AdapterSettings) -> Any:
                                  timeout=settings.http_retry_timeout, wait_max=5.0)
 
 
+_MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".onnx")
+
+
+def combo_options(config: Any) -> list[Any] | None:
+    """The options of a combo input in ``/object_info`` form (None: not a combo).
+
+    Classic nodes: ``[["a", "b"], {...}]``; V3 nodes: ``["COMBO", {"options": ["a", "b"]}]`` (reference §8).
+    """
+    if not isinstance(config, list) or not config:
+        return None
+    if isinstance(config[0], list):
+        return list(config[0])
+    if config[0] == "COMBO" and len(config) > 1 and isinstance(config[1], Mapping):
+        options = config[1].get("options")
+        return list(options) if isinstance(options, list) else None
+    return None
+
+
+def missing_options(template: WorkflowTemplate, info: Mapping[str, Any]) -> list[str]:
+    """Each literal combo value of ``template`` (model files above all) that ComfyUI does not offer.
+
+    ``info`` maps a class name to its ``/object_info`` entry. Inputs the request fills (the mapping) and
+    LoadImage's file name are left out: the job provides them.
+    """
+    filled = {(node_id, name) for targets in template.inputs.values() for node_id, name in targets}
+    problems = []
+    for node_id, node in template.graph.items():
+        class_type = str(node["class_type"])
+        if class_type == "LoadImage" or not isinstance(info.get(class_type), Mapping):
+            continue
+        spec = info[class_type].get("input") or {}
+        for name, value in node["inputs"].items():
+            if (node_id, name) in filled or isinstance(value, list):
+                continue
+            config = (spec.get("required") or {}).get(name) or (spec.get("optional") or {}).get(name)
+            options = combo_options(config)
+            if options is None or value in options:
+                continue
+            what = "model file" if str(value).lower().endswith(_MODEL_SUFFIXES) else "option"
+            problems.append(f"{template.job_type.value}: node {node_id} ({class_type}) needs the {what} "
+                            f"{value!r} for {name}, which ComfyUI does not have")
+    return problems
+
+
 class ComfyBackend:
     """Runs jobs on ComfyUI's own HTTP + WebSocket API."""
 
-    def __init__(self, settings: AdapterSettings, store: ObjectStore,
+    def __init__(self, settings: AdapterSettings, store: ObjectStore | None,
                  templates: Mapping[JobType, WorkflowTemplate],
                  transport: httpx.BaseTransport | None = None) -> None:
         self._settings = settings
@@ -205,36 +249,52 @@ class ComfyBackend:
         parts = urlsplit(settings.base_url)
         ws_url = urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc, "/ws", "", ""))
         self._watcher = _Watcher(ws_url, self._client_id)
+        self._watcher_lock = threading.Lock()
         self._has_jobs_api = False
+        self.files = JobFiles(settings.comfyui_input_dir, settings.comfyui_output_dir, settings.comfyui_file_ttl)
+        # Prompts that did not confirm a stop: ComfyUI may still write their history and files.
+        self._orphans: dict[str, str] = {}
         self.version: str | None = None
 
-    # --- lifecycle --------------------------------------------------------------------------------
-    def wait_ready(self, stop: threading.Event) -> None:
+    # --- readiness --------------------------------------------------------------------------------
+    def check(self) -> Readiness:
+        url = self._settings.base_url
         needed = sorted(set().union(*(t.node_classes for t in self._templates.values())))
-        missing: list[str] = []
-
-        def probe() -> str | None:
-            nonlocal missing
-            try:
-                response = self._http.get("/system_stats")
-                response.raise_for_status()
-                self.version = str(response.json().get("system", {}).get("comfyui_version", "")) or None
-                missing = [c for c in needed if not self._http.get(f"/object_info/{c}").json()]
-            except (httpx.HTTPError, ValueError, AttributeError) as exc:
-                return repr(exc)
-            return None
-
-        poll_until_ready(probe, what=f"ComfyUI at {self._settings.base_url}", timeout=self._settings.ready_timeout,
-                         stop=stop, log_event="comfyui.waiting")
-        if missing:
+        checked = [f"{len(needed)} node classes", f"{len(self._templates)} workflows"]
+        try:
+            response = self._http.get("/system_stats")
+            response.raise_for_status()
+            system = response.json().get("system", {})
+            self.version = str(system.get("comfyui_version", "")) or None
+            info = {}
+            for name in needed:
+                entry = self._http.get(f"/object_info/{name}")
+                entry.raise_for_status()
+                info[name] = entry.json().get(name)
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            return Readiness("comfyui", url, False, problems=(f"ComfyUI does not answer: {exc!r}",))
+        missing_classes = [name for name in needed if not isinstance(info.get(name), Mapping)]
+        if missing_classes:
             # Node classes are registered before ComfyUI's HTTP server listens: waiting will not help.
-            raise BackendNotReady(f"ComfyUI at {self._settings.base_url} lacks node classes the workflows "
-                                  f"need: {', '.join(missing)}")
+            return Readiness("comfyui", url, False, self.version, final=True, problems=(
+                f"ComfyUI lacks node classes the workflows need: {', '.join(missing_classes)}",))
+        problems = [p for t in self._templates.values() for p in missing_options(t, info)]
+        problems += self.files.problems()
+        warnings = []
+        if not self.files.enabled:
+            warnings.append("GPUCTL_COMFYUI_DIR is not set: inputs and outputs of finished jobs stay on the "
+                            "ComfyUI box")
         self._has_jobs_api = _version_at_least(self.version, (0, 6, 0))
-        self._watcher.start()
-        self._watcher.connected.wait(5.0)
-        log.info("comfyui.ready", extra={"url": self._settings.base_url, "comfyui_version": self.version,
-                                         "node_classes": len(needed)})
+        checked.append("model files" if not problems else "model files: missing")
+        return Readiness("comfyui", url, not problems, self.version, tuple(problems), tuple(warnings),
+                         tuple(checked))
+
+    def alive(self) -> str | None:
+        try:
+            self._http.get("/system_stats", timeout=httpx.Timeout(5.0, connect=2.0)).raise_for_status()
+        except httpx.HTTPError as exc:
+            return repr(exc)
+        return None
 
     def close(self) -> None:
         self._watcher.stop()
@@ -243,48 +303,70 @@ class ComfyBackend:
         self._http.close()
         self._inputs_http.close()
 
+    def _ensure_watcher(self) -> None:
+        with self._watcher_lock:
+            if not self._watcher.is_alive():
+                self.files.sweep_if_due()  # the first job: leftovers of an earlier life
+                self._watcher.start()
+        if not self._watcher.connected.is_set():
+            self._watcher.connected.wait(5.0)  # events before the socket is up would be lost
+
     # --- one job ----------------------------------------------------------------------------------
     def run(self, job: BackendJob, control: JobControl) -> BackendResult:
         template = self._templates[job.message.job_type]
+        # Every input is fetched and checked (gpuctl.inputs limits) before anything is sent to ComfyUI.
         inputs: dict[str, tuple[bytes, str]] = {}
         limits = ImageLimits.from_settings(self._settings)
+        assert self._store is not None, "a backend built without a store only checks readiness"
         for field in template.images:
             url = getattr(job.request, field, None)
             if url:
                 data = fetch_input(url, store=self._store, http=self._inputs_http, max_bytes=limits.max_bytes)
                 inputs[field] = (data, check_image(data, url, limits))
+        self._ensure_watcher()
         values = request_values(job.request, secrets.randbelow(_MAX_SEED))
-        for submission in range(self._settings.max_resubmits + 1):
-            names = {field: self._upload(job.task_id, i, data, ext)
-                     for i, (field, (data, ext)) in enumerate(inputs.items(), start=1)}
-            try:
-                graph = template.fill(values, names, f"{_UPLOAD_SUBFOLDER}/{job.task_id}")
-            except WorkflowError as exc:
-                raise PermanentJobError(str(exc)) from None
-            prompt_id = str(uuid.uuid4())
-            listener = self._watcher.listen(prompt_id, control)
-            try:
-                self._submit(graph, prompt_id)
-                log.info("comfyui.prompt_queued", extra={"task_id": job.task_id, "prompt_id": prompt_id,
-                                                         "submission": submission + 1})
-                entry = self._wait(prompt_id, control, listener)
-            finally:
-                self._watcher.forget(prompt_id)
-            if entry is None:
-                log.warning("comfyui.prompt_lost", extra={"task_id": job.task_id, "prompt_id": prompt_id})
-                continue
-            return self._collect(entry, prompt_id, template)
-        raise TransientJobError(f"ComfyUI lost the prompt {self._settings.max_resubmits + 1} times "
-                                "(restarting?)")
+        stem = f"{job.task_id}-{job.token}"
+        uploaded: list[str] = []
+        prompt_ids: list[str] = []
+        try:
+            for submission in range(self._settings.max_resubmits + 1):
+                names = {field: self._upload(stem, i, data, ext)
+                         for i, (field, (data, ext)) in enumerate(inputs.items(), start=1)}
+                uploaded += names.values()
+                try:
+                    graph = template.fill(values, names, f"{SUBFOLDER}/{stem}")
+                except WorkflowError as exc:
+                    raise PermanentJobError(str(exc)) from None
+                reason = control.stop_reason()
+                if reason is not None:
+                    raise JobInterrupted(reason)
+                prompt_id = str(uuid.uuid4())
+                prompt_ids.append(prompt_id)
+                listener = self._watcher.listen(prompt_id, control)
+                try:
+                    self._submit(graph, prompt_id)
+                    log.info("comfyui.prompt_queued", extra={"task_id": job.task_id, "prompt_id": prompt_id,
+                                                             "submission": submission + 1})
+                    entry = self._wait(prompt_id, control, listener)
+                finally:
+                    self._watcher.forget(prompt_id)
+                if entry is None:
+                    log.warning("comfyui.prompt_lost", extra={"task_id": job.task_id, "prompt_id": prompt_id})
+                    continue
+                return self._collect(entry, prompt_id, template)
+            raise TransientJobError(f"ComfyUI lost the prompt {self._settings.max_resubmits + 1} times "
+                                    "(restarting?)")
+        finally:
+            self._cleanup(stem, uploaded, prompt_ids)
 
-    def _upload(self, task_id: str, index: int, data: bytes, ext: str) -> str:
-        name = f"{task_id}_{index}.{ext}"
+    def _upload(self, stem: str, index: int, data: bytes, ext: str) -> str:
+        name = f"{stem}_{index}.{ext}"
         for attempt in _retrying(self._settings):
             with attempt:
                 response = self._http.post(
                     "/upload/image",
                     files={"image": (name, data, "application/octet-stream")},
-                    data={"subfolder": _UPLOAD_SUBFOLDER, "type": "input", "overwrite": "true"},
+                    data={"subfolder": SUBFOLDER, "type": "input", "overwrite": "true"},
                 )
                 if response.status_code == 400:
                     raise PermanentJobError(f"ComfyUI refused the input image upload: {response.text[:200]}")
@@ -295,14 +377,12 @@ class ComfyBackend:
         raise AssertionError("unreachable: stamina re-raises the last error")
 
     def _submit(self, graph: dict[str, Any], prompt_id: str) -> None:
-        if not self._watcher.connected.is_set():
-            self._watcher.connected.wait(2.0)  # events before the socket is up would be lost
         payload = {"prompt": graph, "client_id": self._client_id, "prompt_id": prompt_id}
         first = True
         for attempt in _retrying(self._settings):
             with attempt:
                 # Nothing de-duplicates prompts: after a failed POST, look before posting again.
-                if not first and self._prompt_known(prompt_id):
+                if not first and self._prompt_state(prompt_id) != "unknown":
                     return
                 first = False
                 response = self._http.post("/prompt", json=payload)
@@ -319,21 +399,22 @@ class ComfyBackend:
         entry = response.json().get(prompt_id)
         return entry if isinstance(entry, dict) else None
 
-    def _prompt_known(self, prompt_id: str) -> bool:
-        """Queued, running or finished (False: ComfyUI has never heard of it, or forgot it)."""
+    def _prompt_state(self, prompt_id: str) -> str:
+        """``running``, ``pending``, ``done`` (in history) or ``unknown`` (never heard of it, or forgot it)."""
         if self._has_jobs_api:
             response = self._http.get(f"/api/jobs/{prompt_id}")
             if response.status_code == 404:
-                return False
+                return "unknown"
             response.raise_for_status()
-            return True
+            status = str(response.json().get("status"))
+            return {"pending": "pending", "in_progress": "running"}.get(status, "done")
         response = self._http.get("/queue")
         response.raise_for_status()
         queue = response.json()
-        items = [*queue.get("queue_running", []), *queue.get("queue_pending", [])]
-        if any(len(item) > 1 and item[1] == prompt_id for item in items):
-            return True
-        return self._history(prompt_id) is not None
+        for state, key in (("running", "queue_running"), ("pending", "queue_pending")):
+            if any(len(item) > 1 and item[1] == prompt_id for item in queue.get(key, [])):
+                return state
+        return "done" if self._history(prompt_id) is not None else "unknown"
 
     def _wait(self, prompt_id: str, control: JobControl, listener: _Listener) -> dict[str, Any] | None:
         """The history entry once the prompt ends; None when ComfyUI lost it."""
@@ -344,7 +425,7 @@ class ComfyBackend:
         while True:
             reason = control.stop_reason()
             if reason is not None:
-                self._interrupt(prompt_id)
+                self._stop(prompt_id, control, listener)
                 raise JobInterrupted(reason, prompt_id)
             try:
                 entry = self._history(prompt_id)
@@ -354,7 +435,7 @@ class ComfyBackend:
                     race_polls += 1
                     control.wait(0.03)
                     continue
-                missing = 0 if self._prompt_known(prompt_id) else missing + 1
+                missing = 0 if self._prompt_state(prompt_id) != "unknown" else missing + 1
                 last_contact = time.monotonic()
                 if missing >= _LOST_CONFIRMATIONS:
                     return None
@@ -365,15 +446,76 @@ class ComfyBackend:
                 log.info("comfyui.unreachable", extra={"prompt_id": prompt_id, "error": repr(exc)})
             control.wait(interval if missing == 0 else min(interval, 0.5))
 
-    def _interrupt(self, prompt_id: str) -> None:
-        """Stop the prompt whether it runs or waits; best effort (ComfyUI may be gone)."""
+    def _stop(self, prompt_id: str, control: JobControl, listener: _Listener) -> None:
+        """Stop the prompt whether it runs or waits, and wait (bounded) until ComfyUI confirms it.
+
+        A queued prompt is deleted from the queue; a running one is interrupted, which ComfyUI only honours
+        when the next node starts or at the running node's next progress step. Confirmation: the WebSocket's
+        end event, or the prompt gone from the queue. Half-way through ``interrupt_confirm_timeout`` the
+        interrupt is sent again, and globally if our prompt is the one running (older servers, or a lost
+        request); after it, the job ends anyway and the prompt's leftovers are cleaned up later.
+        """
+        started = time.monotonic()
+        timeout = self._settings.interrupt_confirm_timeout
+        self._send_stop(prompt_id, global_interrupt=False)
+        escalated = False
+        how = "unconfirmed"
+        while True:
+            if listener.ended.is_set():
+                how = "event"
+                break
+            try:
+                state = self._prompt_state(prompt_id)
+            except (httpx.HTTPError, ValueError):
+                how = "unreachable"  # ComfyUI is gone: nothing of ours runs there
+                break
+            if state in ("done", "unknown"):
+                how = state
+                break
+            elapsed = time.monotonic() - started
+            if not escalated and elapsed >= timeout / 2:
+                escalated = True
+                log.warning("comfyui.interrupt_escalated", extra={"prompt_id": prompt_id, "state": state})
+                self._send_stop(prompt_id, global_interrupt=state == "running")
+            if elapsed >= timeout:
+                self._orphans[prompt_id] = ""
+                break
+            control.wait_notified(0.2)
+        if how == "event":
+            # The history entry of an interrupted prompt appears a moment after the event (0.5 s on 0.3.64);
+            # wait for it briefly so that the clean-up can delete it.
+            deadline = time.monotonic() + 2.0
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                while self._history(prompt_id) is None and time.monotonic() < deadline:
+                    control.wait_notified(0.05)
+        level = logging.WARNING if how == "unconfirmed" else logging.INFO
+        log.log(level, "comfyui.prompt_stopped", extra={
+            "prompt_id": prompt_id, "confirmed_by": how, "ms": round((time.monotonic() - started) * 1000)})
+
+    def _send_stop(self, prompt_id: str, *, global_interrupt: bool) -> None:
         try:
-            self._http.post("/interrupt", json={"prompt_id": prompt_id})
             self._http.post("/queue", json={"delete": [prompt_id]})
+            self._http.post("/interrupt", json={"prompt_id": prompt_id})
+            if global_interrupt:
+                self._http.post("/interrupt")
         except httpx.HTTPError as exc:
             log.warning("comfyui.interrupt_failed", extra={"prompt_id": prompt_id, "error": repr(exc)})
-            return
-        log.info("comfyui.interrupted", extra={"prompt_id": prompt_id})
+
+    def _cleanup(self, stem: str, uploaded: list[str], prompt_ids: list[str]) -> None:
+        """Remove what this attempt left on ComfyUI: history entries, uploaded inputs, written outputs."""
+        done_orphans = []
+        for orphan in list(self._orphans):
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                if self._prompt_state(orphan) in ("done", "unknown"):
+                    done_orphans.append(orphan)
+        forget = [p for p in prompt_ids if p not in self._orphans] + done_orphans
+        if forget:
+            with contextlib.suppress(httpx.HTTPError):
+                self._http.post("/history", json={"delete": forget})
+        for orphan in done_orphans:
+            self._orphans.pop(orphan, None)
+        removed = self.files.remove(stem, uploaded)
+        log.debug("comfyui.cleaned", extra={"stem": stem, "files": removed, "history": len(forget)})
 
     def _collect(self, entry: Mapping[str, Any], prompt_id: str, template: WorkflowTemplate) -> BackendResult:
         outcome, error = interpret_history(entry)
@@ -396,8 +538,6 @@ class ComfyBackend:
                     raise TransientJobError(f"ComfyUI has no output file {image['filename']!r}")
                 response.raise_for_status()
         png = _as_png(response.content, str(image["filename"]))
-        with contextlib.suppress(httpx.HTTPError):  # only keeps ComfyUI's memory bounded
-            self._http.post("/history", json={"delete": [prompt_id]})
         return BackendResult(backend_job_id=prompt_id, image=png)
 
 

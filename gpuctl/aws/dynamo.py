@@ -181,12 +181,15 @@ class JobTable:
         expected: Iterable[JobStatus] | None = None,
         condition: str | None = None,
         condition_values: Mapping[str, Any] | None = None,
+        add: Mapping[str, int] | None = None,
     ) -> JobRecord:
         """Move a job to ``target`` only from an allowed status; set ``fields`` in the same write.
 
         Args:
             expected: the statuses it may move from (default: every status allowed to reach target).
             condition: an extra condition expression ANDed to the status check.
+            add: counters to change by the given amount in the same write (a missing one counts from 0),
+                so a claim needs no read before it.
 
         Raises:
             TransitionRefused: the job is not in an expected status (carries the current record).
@@ -204,7 +207,7 @@ class JobTable:
             cond = f"{cond} AND ({condition})"
             values.update(condition_values or {})
         return self._update(task_id, {"status": target.value, **(fields or {})}, remove, cond, values,
-                            names, target=target)
+                            names, target=target, add=add)
 
     def update_fields(
         self,
@@ -241,6 +244,7 @@ class JobTable:
         names: dict[str, str],
         *,
         target: JobStatus | None,
+        add: Mapping[str, int] | None = None,
     ) -> JobRecord:
         import botocore.exceptions
 
@@ -252,6 +256,12 @@ class JobTable:
             names[f"#f{i}"] = key
             values[f":f{i}"] = value
             sets.append(f"#f{i} = :f{i}")
+        if add:
+            values[":zero"] = 0
+            for i, (key, amount) in enumerate(add.items()):
+                names[f"#n{i}"] = key
+                values[f":n{i}"] = amount
+                sets.append(f"#n{i} = if_not_exists(#n{i}, :zero) + :n{i}")
         expression = "SET " + ", ".join(sets)
         removed = list(remove)
         if removed:

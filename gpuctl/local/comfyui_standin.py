@@ -47,11 +47,14 @@ from PIL import Image
 
 from gpuctl.local import standin_nodes as nodes
 
-__all__ = ["StandinConfig", "StandinFaults", "StandinServer", "build_app", "main", "serve"]
+__all__ = ["DEFAULT_VERSION", "StandinConfig", "StandinFaults", "StandinServer", "build_app", "main", "serve"]
 
 logger = logging.getLogger(__name__)
 
 MAXIMUM_HISTORY_SIZE = 10000
+#: The version the stand-in plays by default: the 0.3.x line the GPU box runs (no ``/api/jobs``, legacy error
+#: types, any client prompt_id accepted). ``--comfyui-version 0.26.0`` plays the newer server.
+DEFAULT_VERSION = "0.3.64"
 _SENSITIVE_EXTRA_KEYS = ("api_key_comfy_org", "auth_token_comfy_org")
 _LOADERS = frozenset({"CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "VAELoader", "LoraLoaderModelOnly"})
 
@@ -75,6 +78,9 @@ class StandinFaults:
       write, which widens ComfyUI's "success before history" race (reference §10.1).
     * ``stale_ws_cleanup``: reproduce ComfyUI's stale-socket bug: when an old socket with the same clientId
       closes after a reconnect, its cleanup de-registers the *new* socket (reference §9.1).
+    * ``interrupt_lag_s``: an interrupt is honoured, as in ComfyUI, only where the worker checks for it — when a
+      node starts and at each progress step — and, with this set, only at the first such check at least this
+      many seconds after it was asked for: the stand-in's way to play a long node without a progress bar.
     """
 
     fail_http_500: int = 0
@@ -88,6 +94,7 @@ class StandinFaults:
     slow_first_job_s: float = 0.0
     history_delay_s: float = 0.0
     stale_ws_cleanup: bool = False
+    interrupt_lag_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,7 +151,7 @@ class StandinConfig:
     input_dir: Path | None = None
     output_dir: Path | None = None
     temp_dir: Path | None = None
-    comfyui_version: str = "0.26.0"
+    comfyui_version: str = DEFAULT_VERSION
     models: dict[str, list[str]] = field(default_factory=_default_models)
     save_metadata: bool = True
     cache: bool = True
@@ -236,6 +243,7 @@ class Standin:
         self._outbox: asyncio.Queue[tuple[str, dict[str, Any], str | None]] | None = None
         self._wake: asyncio.Event | None = None
         self._interrupt: asyncio.Event | None = None
+        self._interrupt_at = 0.0
         self._worker_task: asyncio.Task[None] | None = None
         self._publisher_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -380,8 +388,16 @@ class Standin:
             logger.info("standin.interrupt_ignored", extra={"prompt_id": prompt_id})
             return False
         assert self._interrupt is not None
+        if not self._interrupt.is_set():
+            self._interrupt_at = time.monotonic()
         self._interrupt.set()
         return True
+
+    def _check_interrupt(self) -> None:
+        """Where ComfyUI's worker looks for an interrupt: a node starting, a progress step."""
+        assert self._interrupt is not None
+        if self._interrupt.is_set() and time.monotonic() - self._interrupt_at >= self.faults.interrupt_lag_s:
+            raise _Interrupted()
 
     def state_of(self, prompt_id: str) -> str:
         """``pending``, ``running``, ``done`` or ``unknown``."""
@@ -549,11 +565,14 @@ class Standin:
         self.queue_updated()
         if job.client_id is not None:
             self.send("executing", {"node": None, "prompt_id": prompt_id}, job.client_id)
-        logger.info("standin.prompt_done", extra={"prompt_id": prompt_id, "success": success})
+        # The run's own clock (epoch ms of execution_start and of its end event), for benchmarks reading the log.
+        ended = next((m[1]["timestamp"] for m in reversed(job.messages) if m[0] != "execution_cached"), 0)
+        logger.info("standin.prompt_done", extra={"prompt_id": prompt_id, "success": success,
+                                                  "started_ms": job.messages[0][1]["timestamp"], "ended_ms": ended})
 
     def _steps_of(self, node: Mapping[str, Any]) -> int:
         steps = nodes.progress_steps(node)
-        if steps and self.config.steps is not None:
+        if steps and self.config.steps is not None and node["class_type"] == "KSampler":
             return max(1, self.config.steps)
         return steps
 
@@ -564,15 +583,14 @@ class Standin:
         if ui is not None:
             job.ui[node_id] = ui
 
-    async def _spend(self, job: _Job, seconds: float) -> None:
-        """Spend one unit of the job (a node or a sampler step) taking ``seconds``; wake early on interrupt."""
-        assert self._interrupt is not None
+    async def _spend(self, job: _Job, seconds: float, *, step: bool = False) -> None:
+        """Spend one unit of the job (a node's work, or a progress step) taking ``seconds``. A node's work is not
+        interruptible; a progress step checks for an interrupt at its end, as ComfyUI's progress hook does."""
         if seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._interrupt.wait(), seconds)
+            await asyncio.sleep(seconds)
         job.units_done += 1
-        if self._interrupt.is_set():
-            raise _Interrupted()
+        if step:
+            self._check_interrupt()
         if not job.fault_point_fired and job.units_done * 2 >= job.units_total:
             job.fault_point_fired = True
             await self._midpoint_faults(job)
@@ -589,9 +607,7 @@ class Standin:
     async def _run_node(
         self, job: _Job, node_id: str, node: Mapping[str, Any], values: dict[str, tuple[Any, ...]]
     ) -> None:
-        assert self._interrupt is not None
-        if self._interrupt.is_set():
-            raise _Interrupted()
+        self._check_interrupt()
         prompt_id = job.item.prompt_id
         spec = nodes.NODES[node["class_type"]]
         self.last_node_id = node_id
@@ -600,17 +616,18 @@ class Standin:
             self.send("executing", {"node": node_id, "display_node": node_id, "prompt_id": prompt_id}, job.client_id)
         if spec.name in _LOADERS and not self.models_loaded:
             if self.faults.slow_first_job_s > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._interrupt.wait(), self.faults.slow_first_job_s)
+                await asyncio.sleep(self.faults.slow_first_job_s)  # loading weights: not interruptible
             self.models_loaded = True
-        await self._spend(job, job.node_s)
+        own = nodes.own_seconds(node)  # a node that takes its own time (the test node)
         steps = self._steps_of(node)
+        await self._spend(job, job.node_s + (0.0 if steps else own))
         for step in range(1, steps + 1):
-            await self._spend(job, job.step_s)
-            data = {"value": step, "max": steps, "prompt_id": prompt_id, "node": node_id}
-            # Progress goes to everyone when the prompt has no client_id (main.py hijack_progress).
-            self.send("progress", data, job.client_id)
+            await self._spend(job, job.step_s + own / steps, step=True)
+            # progress_state first, then progress (main.py hijack_progress); progress goes to everyone when the
+            # prompt has no client_id.
             self._progress_state(job, node_id, "running", step, steps)
+            data = {"value": step, "max": steps, "prompt_id": prompt_id, "node": node_id}
+            self.send("progress", data, job.client_id)
         if job.error_node == node_id:
             raise _InjectedError(self.faults.execution_error_message, self.faults.execution_error_type)
         kwargs: dict[str, Any] = {}
@@ -1386,7 +1403,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="progress events per sampler (default: its steps)")
     p.add_argument("--input-dir", type=Path, default=None, help="ComfyUI input dir (default: a temp dir)")
     p.add_argument("--output-dir", type=Path, default=None, help="ComfyUI output dir (default: a temp dir)")
-    p.add_argument("--comfyui-version", default="0.26.0", help="version to report and emulate (default 0.26.0)")
+    p.add_argument("--comfyui-version", default=DEFAULT_VERSION,
+                   help=f"version to report and emulate (default {DEFAULT_VERSION})")
     p.add_argument("--no-cache", action="store_true", help="re-run every node of every prompt")
     p.add_argument("--output-bucket", default=None, help="unified API: upload results to this S3 bucket")
     p.add_argument("--output-prefix", default="results/", help="unified API: key prefix for results")
@@ -1404,6 +1422,8 @@ def _parser() -> argparse.ArgumentParser:
     faults.add_argument(
         "--stale-ws-cleanup", action="store_true", help="reproduce ComfyUI's same-clientId socket cleanup bug"
     )
+    faults.add_argument("--interrupt-lag", type=float, default=0.0, metavar="S",
+                        help="honour an interrupt only at a check point S seconds after it was asked for")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return p
 
@@ -1419,6 +1439,7 @@ def config_from_args(args: argparse.Namespace) -> StandinConfig:
         slow_first_job_s=args.slow_first_job,
         history_delay_s=args.history_delay,
         stale_ws_cleanup=args.stale_ws_cleanup,
+        interrupt_lag_s=args.interrupt_lag,
     )
     if args.execution_error_message:
         faults.execution_error_message = args.execution_error_message

@@ -16,12 +16,15 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 __all__ = [
     "LABEL",
+    "RESAMPLING",
+    "STITCH_COLORS",
     "CameraMove",
     "camera_warp",
     "parse_camera_move",
     "scale_to_megapixels",
     "sketch",
     "stamp_label",
+    "stitch",
 ]
 
 LABEL = "gpuctl stand-in"
@@ -208,3 +211,47 @@ def stamp_label(image: Image.Image, text: str = LABEL) -> Image.Image:
     draw.rectangle((pad, y0, pad + right - left + 2 * pad, y0 + box_h), fill=(0, 0, 0))
     draw.text((2 * pad - left, y0 + pad - top), text, fill=(255, 255, 255), font=font)
     return out
+
+
+#: ComfyUI's upscale method names → Pillow's filters ("area" has no exact twin; box filtering is its idea).
+RESAMPLING: dict[str, Image.Resampling] = {
+    "nearest-exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "area": Image.Resampling.BOX,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+STITCH_COLORS: dict[str, tuple[int, int, int]] = {
+    "white": (255, 255, 255), "black": (0, 0, 0), "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
+}
+
+
+def stitch(first: Image.Image, second: Image.Image, direction: str, match_size: bool, spacing: int,
+           color: tuple[int, int, int]) -> Image.Image:
+    """ComfyUI's ImageStitch: ``second`` beside ``first`` (right/left) or below/above it (down/up)."""
+    horizontal = direction in ("left", "right")
+    if match_size:
+        if horizontal:
+            size = (max(1, int(first.height * second.width / second.height)), first.height)
+        else:
+            size = (first.width, max(1, int(first.width * second.height / second.width)))
+        second = second.resize(size, Image.Resampling.LANCZOS)
+    pad = (0, 0, 0) if color not in ((255, 255, 255), (0, 0, 0)) else color  # ComfyUI pads with grey levels only
+    if horizontal:
+        height = max(first.height, second.height)
+        width = first.width + spacing + second.width
+    else:
+        width = max(first.width, second.width)
+        height = first.height + spacing + second.height
+    canvas = Image.new("RGB", (width, height), pad)
+    a, b = (second, first) if direction in ("left", "up") else (first, second)
+    if spacing:
+        strip = (a.width, 0, a.width + spacing, height) if horizontal else (0, a.height, width, a.height + spacing)
+        canvas.paste(color, strip)
+    if horizontal:
+        canvas.paste(a, (0, (height - a.height) // 2))
+        canvas.paste(b, (a.width + spacing, (height - b.height) // 2))
+    else:
+        canvas.paste(a, ((width - a.width) // 2, 0))
+        canvas.paste(b, ((width - b.width) // 2, a.height + spacing))
+    return canvas

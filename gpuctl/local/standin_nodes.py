@@ -346,6 +346,55 @@ def _run_save_image(ctx: NodeContext, kw: dict[str, Any]) -> NodeResult:
     return (), {"images": results}
 
 
+def _run_image_scale(ctx: NodeContext, kw: dict[str, Any]) -> NodeResult:
+    width, height = int(kw["width"]), int(kw["height"])
+    resample = images.RESAMPLING[kw["upscale_method"]]
+    out = []
+    for img in kw["image"]:
+        if width == 0 and height == 0:
+            out.append(img)
+            continue
+        w = width or max(1, round(img.width * height / img.height))
+        h = height or max(1, round(img.height * width / img.width))
+        if kw["crop"] == "center":
+            out.append(ImageOps.fit(img, (w, h), resample))
+        else:
+            out.append(img.resize((w, h), resample))
+    return (out,), None
+
+
+def _run_image_invert(ctx: NodeContext, kw: dict[str, Any]) -> NodeResult:
+    return ([ImageOps.invert(img.convert("RGB")) for img in kw["image"]],), None
+
+
+def _run_image_blur(ctx: NodeContext, kw: dict[str, Any]) -> NodeResult:
+    from PIL import ImageFilter
+
+    # ComfyUI convolves with a (2 * blur_radius + 1) Gaussian kernel of the given sigma.
+    radius = min(float(kw["sigma"]), float(kw["blur_radius"]))
+    return ([img.filter(ImageFilter.GaussianBlur(radius)) for img in kw["image"]],), None
+
+
+def _run_image_stitch(ctx: NodeContext, kw: dict[str, Any]) -> NodeResult:
+    firsts, seconds = kw["image1"], kw.get("image2")
+    if not seconds:
+        return (list(firsts),), None
+    color = images.STITCH_COLORS[kw["spacing_color"]]
+    spacing = int(kw["spacing_width"])
+    spacing += spacing % 2
+    out = []
+    for i in range(max(len(firsts), len(seconds))):
+        first = firsts[min(i, len(firsts) - 1)].convert("RGB")
+        second = seconds[min(i, len(seconds) - 1)].convert("RGB")
+        out.append(images.stitch(first, second, kw["direction"], bool(kw["match_image_size"]), spacing, color))
+    return (out,), None
+
+
+def _run_test_slow(ctx: NodeContext, kw: dict[str, Any]) -> NodeResult:
+    # The stand-in's worker spends ``seconds`` (in ``steps`` progress steps) before this runs.
+    return (list(kw["image"]),), None
+
+
 def _link(name: str, type_: str) -> Input:
     return Input(name, type_)
 
@@ -540,7 +589,64 @@ _SPECS = (
     ),
 )
 
-NODES: dict[str, NodeSpec] = {spec.name: spec for spec in _SPECS}
+#: ComfyUI's core image nodes, so that model-free override workflows run on the stand-in (local mode, tests),
+#: plus ``GpuctlTestSlow``: a node that takes ``seconds`` in ``steps`` progress steps (0: none, one long step
+#: without a progress bar), interruptible at each step. Real ComfyUI gets it from ``bench/comfyui_nodes``.
+_CORE_IMAGE_SPECS = (
+    NodeSpec(
+        "ImageScale",
+        "Upscale Image",
+        "image/upscaling",
+        (
+            _link("image", "IMAGE"),
+            _combo("upscale_method", UPSCALE_METHODS),
+            _int("width", 512, 0, 16384, step=1),
+            _int("height", 512, 0, 16384, step=1),
+            _combo("crop", ("disabled", "center")),
+        ),
+        ("IMAGE",),
+        _run_image_scale,
+    ),
+    NodeSpec("ImageInvert", "Invert Image", "image", (_link("image", "IMAGE"),), ("IMAGE",), _run_image_invert),
+    NodeSpec(
+        "ImageBlur",
+        "Image Blur",
+        "image/postprocessing",
+        (_link("image", "IMAGE"), _int("blur_radius", 1, 1, 31, step=1), _float("sigma", 1.0, 0.1, 10.0, 0.1)),
+        ("IMAGE",),
+        _run_image_blur,
+        python_module="comfy_extras.nodes_post_processing",
+    ),
+    NodeSpec(
+        "ImageStitch",
+        "Image Stitch",
+        "image/transform",
+        (
+            _link("image1", "IMAGE"),
+            _combo("direction", ("right", "down", "left", "up"), default="right"),
+            Input("match_image_size", "BOOLEAN", {"default": True}),
+            _int("spacing_width", 0, 0, 1024, step=2),
+            _combo("spacing_color", ("white", "black", "red", "green", "blue"), default="white"),
+        ),
+        ("IMAGE",),
+        _run_image_stitch,
+        optional=(_link("image2", "IMAGE"),),
+        python_module="comfy_extras.nodes_images",
+        description="Stitches image2 to image1 in the specified direction.",
+    ),
+    NodeSpec(
+        "GpuctlTestSlow",
+        "Slow pass-through (gpuctl test node)",
+        "gpuctl/testing",
+        (_link("image", "IMAGE"), _float("seconds", 1.0, 0.0, 3600.0, 0.01), _int("steps", 10, 0, 10000)),
+        ("IMAGE",),
+        _run_test_slow,
+        python_module="custom_nodes.gpuctl_test_nodes",
+        description="Passes the image through after `seconds`, reporting `steps` progress steps.",
+    ),
+)
+
+NODES: dict[str, NodeSpec] = {spec.name: spec for spec in (*_SPECS, *_CORE_IMAGE_SPECS)}
 
 
 def object_info(spec: NodeSpec, catalog: Catalog) -> dict[str, Any]:
@@ -939,10 +1045,19 @@ def node_signatures(prompt: Mapping[str, Any], order: Sequence[str], input_dir: 
 
 
 def progress_steps(node: Mapping[str, Any]) -> int:
-    """How many progress-bar steps a node reports (the sampler's step count; 0 for the rest)."""
+    """How many progress-bar steps a node reports (the sampler's and the test node's; 0 for the rest)."""
     if node["class_type"] == "KSampler":
         return max(1, int(node["inputs"]["steps"]))
+    if node["class_type"] == "GpuctlTestSlow":
+        return max(0, int(node["inputs"]["steps"]))
     return 0
+
+
+def own_seconds(node: Mapping[str, Any]) -> float:
+    """The time a node takes besides the job's budget (only the test node has one)."""
+    if node["class_type"] == "GpuctlTestSlow":
+        return max(0.0, float(node["inputs"]["seconds"]))
+    return 0.0
 
 
 def sampler_inputs_summary(node: Mapping[str, Any]) -> dict[str, list[Any]]:

@@ -155,6 +155,8 @@ def make_standin() -> Iterator[Callable[..., Comfy]]:
 
     def make(**kwargs: Any) -> Comfy:
         kwargs.setdefault("seconds_per_job", 0.2)
+        # Most of this file checks the v0.26 protocol (reference §0-§9); the 0.3.x default has its own tests.
+        kwargs.setdefault("comfyui_version", "0.26.0")
         server = StandinServer(StandinConfig(port=0, **kwargs))
         server.start()
         comfy = Comfy(server)
@@ -1122,7 +1124,7 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
                 if "standin.listening" in line:
                     url = line.split("url=", 1)[1].split()[0]
             assert url is not None
-            assert httpx.get(f"{url}/system_stats", timeout=5).json()["system"]["comfyui_version"] == "0.26.0"
+            assert httpx.get(f"{url}/system_stats", timeout=5).json()["system"]["comfyui_version"] == "0.3.64"
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
             assert proc.stdout is not None
