@@ -141,7 +141,8 @@ class StandinConfig:
 
     ``seconds_per_job`` is spread over the nodes that actually run (each sampler step counts as one node);
     ``steps`` overrides how many ``progress`` events a sampler sends (default: its ``steps`` input).
-    ``output_bucket``/``output_prefix``/``s3_endpoint_url`` only matter to the unified API routes.
+    ``output_bucket``/``output_prefix``/``s3_endpoint_url``/``unified_blocking`` only matter to the unified API
+    routes (see ``standin_unified``).
     """
 
     host: str = "127.0.0.1"
@@ -160,6 +161,7 @@ class StandinConfig:
     output_bucket: str | None = None
     output_prefix: str = "results/"
     s3_endpoint_url: str | None = None
+    unified_blocking: bool = False
 
 
 def _parse_version(text: str) -> tuple[int, ...]:
@@ -1409,6 +1411,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-bucket", default=None, help="unified API: upload results to this S3 bucket")
     p.add_argument("--output-prefix", default="results/", help="unified API: key prefix for results")
     p.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL / boto3's)")
+    p.add_argument("--unified-blocking", action="store_true",
+                   help="unified API: answer nothing while a job executes, as the running service does")
     faults = p.add_argument_group("fault switches (also at run time: POST /_standin/faults)")
     faults.add_argument("--fail-http-500", type=int, default=0, metavar="N", help="next N POST /prompt -> 500")
     faults.add_argument("--drop-websocket", type=int, default=0, metavar="N", help="cut WebSockets in N jobs")
@@ -1456,6 +1460,7 @@ def config_from_args(args: argparse.Namespace) -> StandinConfig:
         output_bucket=args.output_bucket,
         output_prefix=args.output_prefix,
         s3_endpoint_url=args.s3_endpoint_url,
+        unified_blocking=args.unified_blocking,
     )
 
 

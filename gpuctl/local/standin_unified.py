@@ -9,6 +9,10 @@ Image URLs: ``file://`` paths, ``http(s)://`` on a loopback host, and ``s3://buc
 the endpoint is ``StandinConfig.s3_endpoint_url`` when set, else boto3's own resolution, which honours
 ``AWS_ENDPOINT_URL``). Results: uploaded to ``s3://<output_bucket>/<output_prefix><job>/<job_id>.png`` when an
 output bucket is configured, else the ``file://`` URI of the output PNG.
+
+``StandinConfig.unified_blocking`` (``--unified-blocking``) plays the running service's shape: one worker whose
+HTTP side answers nothing while a job executes (its status read took 13 s during a 15 s job), so every unified
+request waits until the running job ends. As there, a path with a trailing slash answers 307 to the one without.
 """
 
 from __future__ import annotations
@@ -171,6 +175,8 @@ class UnifiedJob:
     error: str | None = None
     prompt_id: str | None = None
     created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    executing: bool = False  # its prompt started: with the blocking shape, requests wait for its end
 
     def document(self) -> dict[str, Any]:
         return {
@@ -180,6 +186,7 @@ class UnifiedJob:
             "error": self.error,
             "job_type": self.kind,
             "comfy_prompt_id": self.prompt_id,
+            "finished_at": self.finished_at,
         }
 
 
@@ -265,6 +272,14 @@ class UnifiedJobs:
         self.st = st
         self.jobs: dict[str, UnifiedJob] = {}
         self._s3: S3Client | None = None
+        self.submitted = 0  # POSTs accepted, for tests that check nothing was submitted twice
+        self.idle = asyncio.Event()  # set when no unified job executes (used by the blocking shape)
+        self.idle.set()
+
+    async def wait_turn(self) -> None:
+        """With the blocking shape, hold a request until the executing job has ended."""
+        if self.st.config.unified_blocking:
+            await self.idle.wait()
 
     def s3(self) -> S3Client:
         if self._s3 is None:
@@ -297,6 +312,7 @@ class UnifiedJobs:
         req = normalise_request(kind, body)
         job = UnifiedJob(job_id=str(uuid.uuid4()), kind=kind, body=req)
         self.jobs[job.job_id] = job
+        self.submitted += 1
         self.st.spawn(self._run(job))
         logger.info("standin.unified_job_accepted", extra={"job_id": job.job_id, "job_kind": kind})
         return job
@@ -306,7 +322,12 @@ class UnifiedJobs:
             await self._process(job)
         except Exception as exc:
             job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
+            job.finished_at = time.time()
             logger.info("standin.unified_job_failed", extra={"job_id": job.job_id, "error": job.error})
+        finally:
+            if job.executing:
+                job.executing = False
+                self.idle.set()
 
     async def _process(self, job: UnifiedJob) -> None:
         req = job.body
@@ -326,8 +347,10 @@ class UnifiedJobs:
         self.st.enqueue(self.st.next_number(False), job.prompt_id, graph, extra, result.good_outputs)
         while True:
             state = self.st.state_of(job.prompt_id)
-            if state == "running":
+            if state == "running" and not job.executing:
                 job.status = "processing"
+                job.executing = True
+                self.idle.clear()
             elif state == "done":
                 break
             elif state == "unknown":
@@ -349,6 +372,7 @@ class UnifiedJobs:
         path = self.st.output_dir / first["subfolder"] / first["filename"]
         job.result_s3_uri = await self._publish(job, path)
         job.status = "completed"
+        job.finished_at = time.time()
         logger.info("standin.unified_job_completed", extra={"job_id": job.job_id, "result": job.result_s3_uri})
 
     async def _publish(self, job: UnifiedJob, path: Path) -> str:
@@ -379,9 +403,11 @@ def register(app: web.Application, st: Standin) -> None:
 
     def make_submit(kind: str) -> Any:
         async def submit(request: web.Request) -> web.Response:
+            jobs = request.app[UNIFIED_KEY]
+            await jobs.wait_turn()
             try:
                 body = await request.json()
-                job = request.app[UNIFIED_KEY].submit(kind, body)
+                job = jobs.submit(kind, body)
             except ValueError as exc:  # RequestError or a body that is not JSON
                 return web.json_response({"detail": str(exc)}, status=422)
             return web.json_response(job.document(), status=202)
@@ -390,11 +416,18 @@ def register(app: web.Application, st: Standin) -> None:
 
     for kind in _JOB_KINDS:
         app.router.add_post(f"/api/v1/{kind}/jobs", make_submit(kind))
+        app.router.add_post(f"/api/v1/{kind}/jobs/", _redirect_slash)
     app.router.add_get("/api/v1/jobs/{job_id}", _get_job)
     app.router.add_get("/health", _health)
 
 
+async def _redirect_slash(request: web.Request) -> web.Response:
+    """FastAPI's redirect_slashes: 307 (method and body kept) to the path without the trailing slash."""
+    raise web.HTTPTemporaryRedirect(request.path.rstrip("/"))
+
+
 async def _get_job(request: web.Request) -> web.Response:
+    await request.app[UNIFIED_KEY].wait_turn()
     job = request.app[UNIFIED_KEY].jobs.get(request.match_info["job_id"])
     if job is None:
         return web.json_response({"detail": "Job not found"}, status=404)
@@ -402,4 +435,5 @@ async def _get_job(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
+    await request.app[UNIFIED_KEY].wait_turn()
     return web.json_response({"status": "healthy", "service": "gpuctl-comfyui-standin", "version": "1.0.0"})
