@@ -110,6 +110,10 @@ def adapter_factory(server_aws: Resources, tmp_path: Path) -> Iterator[Callable[
             "GPUCTL_SHUTDOWN_GRACE": "10",
             "GPUCTL_LOG_LEVEL": "INFO",
             "GPUCTL_HTTP_RETRY_ATTEMPTS": "2",
+            "GPUCTL_CANCEL_CHECK_INTERVAL": "0.5",
+            "GPUCTL_ACTIVITY_INTERVAL": "1",
+            "GPUCTL_INTERRUPT_CONFIRM_TIMEOUT": "4",
+            "GPUCTL_COMFYUI_DIR": str(standin.input_dir.parent),
             **overrides,
         }
         proc = AdapterProcess(env, tmp_path / f"adapter-{len(procs)}.log")
@@ -186,6 +190,24 @@ def test_camera_angle_job_completes_end_to_end(standin, adapter_factory, gw, inp
     assert record.worker and record.finished_at
     wait_until(lambda: queue_counts(gw) == (0, 0), 10, "an empty queue")
     assert any(e.get("event") == "adapter.job_completed" for e in adapter.events())
+    # AND ComfyUI keeps nothing of it: no input, no output, no history entry
+    assert_comfyui_clean(standin)
+    # AND the activity marker says the adapter runs, holds nothing, and finished this job
+    wait_until(lambda: gw.table.read_activity().last_finished_at == record.finished_at, 10, "the marker")
+    activity = gw.table.read_activity()
+    assert activity.adapter_state == "running" and activity.jobs_in_hand == 0
+
+
+def job_files(standin: StandinServer) -> list[str]:
+    """The adapter's files in the stand-in's input and output folders."""
+    return sorted(str(p.relative_to(standin.input_dir.parent))
+                  for d in (standin.input_dir, standin.output_dir) for p in (d / "gpuctl").glob("*"))
+
+
+def assert_comfyui_clean(standin: StandinServer, timeout: float = 5.0) -> None:
+    """No file of the adapter's and no history entry left on the stand-in (cleaned when the job ended)."""
+    wait_until(lambda: not job_files(standin) and not standin.standin.history, timeout,
+               f"a clean ComfyUI (files {job_files(standin)}, history {list(standin.standin.history)})")
 
 
 def events_named(adapter: AdapterProcess, name: str) -> list[dict[str, Any]]:
@@ -365,6 +387,7 @@ def test_execution_error_fails_the_job_with_the_node_message(standin, adapter_fa
     assert "CUDA out of memory (stand-in)" in (record.error_message or "")
     assert record.attempts == 1
     wait_until(lambda: queue_counts(gw) == (0, 0), 10, "an empty queue")
+    assert_comfyui_clean(standin)
 
 
 def test_poison_messages_go_to_the_dlq_and_the_loop_goes_on(standin, adapter_factory, gw, input_url,
@@ -431,6 +454,7 @@ def test_sigterm_releases_the_job_in_hand_for_the_next_worker(standin_factory, a
     first.signal(signal.SIGTERM)
     # THEN it exits 0 soon, leaving the job processing with a stale heartbeat and its message visible
     assert first.wait(20) == 0
+    assert gw.table.read_activity().adapter_state == "stopped"  # its last word in the activity marker
     record = gw.table.get(task_id)
     assert record.status is JobStatus.PROCESSING and record.heartbeat_at == 0
     assert len(events_named(first, "adapter.message_released")) == 1
