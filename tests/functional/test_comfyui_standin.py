@@ -1141,3 +1141,119 @@ def test_main_rejects_bad_flags() -> None:
         main(["--no-such-flag"])
 
     assert exc.value.code == 2
+
+
+# --- behaviour matched to the real ComfyUI 0.3.64 (adapter/comfyui-observed.md) ------------------------------
+
+
+def slow_graph(image: str, seconds: float, steps: int) -> dict[str, Any]:
+    """A model-free override workflow: LoadImage → GpuctlTestSlow → ImageInvert → SaveImage."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "GpuctlTestSlow", "inputs": {"image": ["1", 0], "seconds": seconds, "steps": steps}},
+        "3": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "slow"}},
+    }
+
+
+def test_default_is_0_3_64_without_the_jobs_api(make_standin: Callable[..., Comfy]) -> None:
+    """By default the stand-in plays 0.3.64: no /api/jobs (404), legacy invalid_prompt, any prompt_id."""
+    comfy = make_standin(comfyui_version=StandinConfig().comfyui_version)
+    assert comfy.http.get("/system_stats").json()["system"]["comfyui_version"] == "0.3.64"
+    assert comfy.http.get(f"/api/jobs/{uuid.uuid4()}").status_code == 404
+    assert "error" not in comfy.http.get(f"/api/jobs/{uuid.uuid4()}").text
+    r = comfy.post_prompt({"1": {"class_type": "Nope", "inputs": {}}}, prompt_id="NOT-A-UUID")
+    assert r.json()["error"]["type"] == "invalid_prompt"
+
+
+def test_core_image_nodes_run_an_override_workflow(comfy: Comfy) -> None:
+    """ImageScale, ImageBlur, ImageStitch, ImageInvert and SaveImage run for real on the CPU."""
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "adapter/in.png"}},
+        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 50,
+                                                      "height": 0, "crop": "disabled"}},
+        "3": {"class_type": "ImageBlur", "inputs": {"image": ["2", 0], "blur_radius": 3, "sigma": 2.0}},
+        "4": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
+        "5": {"class_type": "ImageStitch", "inputs": {"image1": ["3", 0], "image2": ["4", 0], "direction": "right",
+                                                       "match_image_size": True, "spacing_width": 4,
+                                                       "spacing_color": "white"}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "core/out"}},
+    }
+    entry = comfy.wait_history(comfy.queue(graph))
+    assert entry["status"]["status_str"] == "success"
+    (image,) = entry["outputs"]["6"]["images"]
+    with Image.open(comfy.server.output_dir / image["subfolder"] / image["filename"]) as out:
+        # 96x64 scaled to width 50 keeps its aspect (33 high); two of them side by side with a 4 px strip
+        assert out.size == (50 + 4 + 50, 33)
+
+
+def test_interrupt_is_honoured_only_at_a_progress_step(make_standin: Callable[..., Comfy]) -> None:
+    """A node without progress runs to its end despite an interrupt; with steps it stops at the next one."""
+    comfy = make_standin()
+    comfy.upload("in.png", picture(), subfolder="adapter")
+    timings = {}
+    for steps in (0, 10):
+        pid = comfy.queue(slow_graph("adapter/in.png", 2.0, steps))
+        comfy.wait_running(pid)
+        time.sleep(0.3)
+        asked = time.monotonic()
+        comfy.http.post("/interrupt", json={"prompt_id": pid})
+        entry = comfy.wait_history(pid)
+        timings[steps] = time.monotonic() - asked
+        assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+    assert timings[0] > 1.2  # the long node without a progress bar ran on (its next check is the next node)
+    assert timings[10] < 0.6  # the next progress step took it
+
+
+def test_interrupt_lag_and_history_delay_are_settable(make_standin: Callable[..., Comfy]) -> None:
+    """interrupt_lag_s postpones an interrupt to a later check point; history_delay_s postpones history."""
+    comfy = make_standin(faults=StandinFaults(interrupt_lag_s=1.0, history_delay_s=0.5))
+    comfy.upload("in.png", picture(), subfolder="adapter")
+
+    seen: dict[str, float] = {}
+
+    def on_message(msg: dict[str, Any], pid: str) -> None:
+        if msg["type"] == "progress" and msg["data"]["value"] == 1 and "asked" not in seen:
+            seen["asked"] = time.monotonic()
+            comfy.http.post("/interrupt", json={"prompt_id": pid})
+        if msg["type"] == "execution_interrupted":
+            seen["interrupted"] = time.monotonic()
+            seen["history_at_event"] = float(bool(comfy.history(pid)))
+
+    pid, messages = comfy.run_with_ws(lambda: comfy.queue(slow_graph("adapter/in.png", 4.0, 20), client_id="tester"),
+                                      on_message=on_message)
+    assert 1.0 <= seen["interrupted"] - seen["asked"] < 1.8
+    assert seen["history_at_event"] == 0.0  # as on 0.3.64: history comes after the event
+    assert comfy.history(pid)[pid]["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+def test_progress_state_comes_before_each_progress(comfy: Comfy) -> None:
+    """As in ComfyUI's progress hook, each step sends progress_state first, then progress."""
+    pid, messages = comfy.run_with_ws(lambda: comfy.queue(slow_graph("adapter/in.png", 0.2, 3), client_id="tester"))
+    kinds = [m["type"] for m in messages if m["type"] in ("progress", "progress_state")]
+    first_progress = kinds.index("progress")
+    assert kinds[first_progress - 1] == "progress_state"
+    assert kinds.count("progress") == 3
+
+
+def test_unified_blocking_shape_holds_status_reads_while_a_job_runs(make_standin: Callable[..., Comfy],
+                                                                    tmp_path: Path) -> None:
+    """With unified_blocking, a status read sent while the job executes is answered only after it ends."""
+    comfy = make_standin(seconds_per_job=1.5, unified_blocking=True)
+    image = tmp_path / "in.png"
+    image.write_bytes(picture())
+    job = comfy.http.post("/api/v1/camera-angle/jobs", json={"image_url": image.as_uri()}).json()
+    deadline = time.monotonic() + 10
+    while comfy.server.standin.running is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    sent = time.monotonic()
+    doc = comfy.http.get(f"/api/v1/jobs/{job['job_id']}", timeout=20).json()
+    assert doc["status"] == "completed" and time.monotonic() - sent > 0.5
+    assert doc["finished_at"] <= time.time()
+
+
+def test_unified_trailing_slash_answers_307(comfy: Comfy, tmp_path: Path) -> None:
+    """As FastAPI does, a trailing slash is redirected (307 keeps the method and body)."""
+    r = comfy.http.post("/api/v1/camera-angle/jobs/", json={"image_url": "file:///nope.png"})
+    assert r.status_code == 307 and r.headers["location"] == "/api/v1/camera-angle/jobs"

@@ -247,3 +247,90 @@ def test_load_adapter_settings_requires_queue_table_and_bucket():
 
     with pytest.raises(ConfigError, match="SQS queue URL"):
         load_adapter_settings(table_name="t", bucket="b")
+
+
+# --- readiness: model files --------------------------------------------------------------------------------
+
+
+def test_combo_options_reads_classic_and_v3_forms():
+    """Both /object_info combo shapes give their options; other inputs are not combos."""
+    from adapter.backends.comfyui import combo_options
+
+    assert combo_options([["a.safetensors", "b"], {}]) == ["a.safetensors", "b"]
+    assert combo_options(["COMBO", {"options": ["x", "y"]}]) == ["x", "y"]
+    assert combo_options(["INT", {"min": 0}]) is None and combo_options(None) is None
+
+
+def test_missing_options_names_absent_model_files_but_not_request_filled_inputs(tmp_path: Path):
+    """A loader's file not in ComfyUI's list is reported; inputs the request fills and LoadImage are not."""
+    from adapter.backends.comfyui import missing_options
+    from gpuctl.local.standin_nodes import DEFAULT_MODELS, NODES, Catalog, object_info
+
+    template = load_template(JobType.QWEN_IMAGE_EDIT)
+    models = {k: list(v) for k, v in DEFAULT_MODELS.items()}
+    catalog = Catalog(models, tmp_path, (0, 3, 64))
+    info = {name: object_info(spec, catalog) for name, spec in NODES.items()}
+    assert missing_options(template, info) == []
+    models["checkpoints"] = []
+    catalog = Catalog(models, tmp_path, (0, 3, 64))
+    info = {name: object_info(spec, catalog) for name, spec in NODES.items()}
+    (problem,) = missing_options(template, info)
+    assert "model file 'Qwen-Rapid-AIO-NSFW-v11.safetensors'" in problem and "node 1" in problem
+
+
+# --- hygiene -----------------------------------------------------------------------------------------------
+
+
+def test_job_files_removes_one_attempts_files_and_sweeps_only_old_leftovers(tmp_path: Path):
+    """An attempt deletes its own inputs and outputs; the sweep deletes only old files named like ours."""
+    import os
+    import time as _time
+
+    from adapter.hygiene import JobFiles
+
+    task, other = "0b7e1c2a-5d1e-4c8e-9f57-3c1b2a4d5e6f", "1b7e1c2a-5d1e-4c8e-9f57-3c1b2a4d5e6f"
+    inp, out = tmp_path / "input" / "gpuctl", tmp_path / "output" / "gpuctl"
+    inp.mkdir(parents=True)
+    out.mkdir(parents=True)
+    for path in (inp / f"{task}-aa11_1.png", out / f"{task}-aa11_00001_.png", out / f"{task}-bb22_00001_.png",
+                 inp / f"{other}-cc33_1.png", inp / "someone-elses.png"):
+        path.write_bytes(b"x")
+    files = JobFiles(tmp_path / "input", tmp_path / "output", ttl=3600)
+    files._next_sweep = float("inf")
+    assert files.remove(f"{task}-aa11", [f"gpuctl/{task}-aa11_1.png", "../escape.png"]) == 2
+    assert sorted(p.name for p in (*inp.iterdir(), *out.iterdir())) == sorted([
+        f"{other}-cc33_1.png", f"{task}-bb22_00001_.png", "someone-elses.png"])
+    old = _time.time() - 7200
+    os.utime(inp / f"{other}-cc33_1.png", (old, old))
+    os.utime(inp / "someone-elses.png", (old, old))
+    assert files.sweep() == 1
+    assert (inp / "someone-elses.png").exists()
+
+
+
+def test_unified_backend_follows_redirects_and_posts_the_canonical_path():
+    """A message api_path with a trailing slash is POSTed canonically; a 307 on the way is followed."""
+    from adapter.backends import BackendJob, JobControl
+    from adapter.backends.unified import UnifiedBackend
+    from adapter.settings import AdapterSettings
+    from gpuctl.models import JobMessage
+
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        if request.url.path == "/api/v1/camera-angle/jobs":
+            return httpx.Response(307, headers={"location": "/moved/camera-angle/jobs"})
+        if request.url.path == "/moved/camera-angle/jobs":
+            return httpx.Response(202, json={"job_id": "j1", "status": "pending"})
+        return httpx.Response(200, json={"job_id": "j1", "status": "completed", "result_s3_uri": "s3://b/r.png"})
+
+    settings = AdapterSettings.model_construct(
+        backend_url="http://svc", http_retry_attempts=1, http_retry_timeout=1.0, job_timeout=5.0,
+        unified_status_timeout=1.0, unified_poll_max=0.1, backend_down_grace=1.0)
+    backend = UnifiedBackend(settings, None, transport=httpx.MockTransport(handler))
+    message = JobMessage(task_id="t", api_path="/api/v1/camera-angle/jobs/", request_body={"image_url": "s3://b/k"})
+    noted: list[str] = []
+    result = backend.run(BackendJob("t", message, message.request()), JobControl(5.0, on_backend_job=noted.append))
+    assert result.result_uri == "s3://b/r.png" and noted == ["j1"]
+    assert seen[:2] == ["POST /api/v1/camera-angle/jobs", "POST /moved/camera-angle/jobs"]
