@@ -80,6 +80,7 @@ ADAPTER_CALLS: list[tuple[str, str]] = [
     ("sqs:DeleteMessage", "JobQueue"),
     ("sqs:ChangeMessageVisibility", "JobQueue"),
     ("sqs:GetQueueAttributes", "JobQueue"),
+    ("sqs:SendMessage", "JobQueue"),
     ("sqs:GetQueueUrl", "DeadLetterQueue"),
     ("sqs:SendMessage", "DeadLetterQueue"),
     ("dynamodb:GetItem", "TaskTable"),
@@ -87,6 +88,7 @@ ADAPTER_CALLS: list[tuple[str, str]] = [
     ("dynamodb:PutItem", "TaskTable"),
     ("s3:GetObject", "inputs/*"),
     ("s3:PutObject", "results/*"),
+    ("s3:DeleteObject", "results/*"),
 ]
 # API operations that have no IAM action of their own: they are authorised by another action.
 API_TO_IAM = {
