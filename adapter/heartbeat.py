@@ -79,6 +79,7 @@ class ActivityReporter:
         self._in_hand = 0
         self._finished_at: float | None = None
         self._last_write = float("-inf")
+        self._state = "running"
 
     def job_started(self) -> None:
         with self._lock:
@@ -93,15 +94,18 @@ class ActivityReporter:
     def tick(self) -> None:
         """Write ``running`` (jobs in hand, the latest finish) when ``activity_interval`` has passed."""
         with self._lock:
-            if time.monotonic() - self._last_write < self._settings.activity_interval:
+            if self._state != "running" or time.monotonic() - self._last_write < self._settings.activity_interval:
                 return
             self._last_write = time.monotonic()
             in_hand, finished = self._in_hand, self._finished_at
         self._write("running", in_hand, finished)
 
     def report(self, state: str) -> None:
-        """Write ``draining`` or ``stopped`` now."""
+        """Write ``draining`` or ``stopped`` now (each once; ``running`` is never written again after them)."""
         with self._lock:
+            if self._state == state:
+                return
+            self._state = state
             self._last_write = time.monotonic()
             in_hand, finished = self._in_hand, self._finished_at
         self._write(state, in_hand, finished)
@@ -120,8 +124,9 @@ class Heartbeat(threading.Thread):
     """The heartbeat thread (start it once; ``stop()`` at shutdown)."""
 
     def __init__(self, settings: AdapterSettings, table: JobTable, queue: JobQueue,
-                 activity: ActivityReporter | None = None) -> None:
+                 activity: ActivityReporter | None = None, stopping: threading.Event | None = None) -> None:
         super().__init__(name="heartbeat", daemon=True)
+        self._stopping = stopping
         self._settings = settings
         self._table = table
         self._queue = queue
@@ -154,6 +159,8 @@ class Heartbeat(threading.Thread):
                 except Exception:  # the heartbeat must outlive any one bad beat; the next tick retries
                     log.exception("adapter.heartbeat_error", extra={"task_id": job.task_id})
             if self.activity is not None:
+                if self._stopping is not None and self._stopping.is_set():
+                    self.activity.report("draining")  # at once, not after the long poll in progress returns
                 self.activity.tick()
 
     def beat(self, job: ActiveJob) -> None:

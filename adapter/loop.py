@@ -53,7 +53,7 @@ def run(deps: Deps, stop: threading.Event) -> int:
         return 1
     log.info("adapter.backend_ready", extra={**report.to_dict()})
     activity = ActivityReporter(settings, deps.table)
-    heartbeat = Heartbeat(settings, deps.table, deps.queue, activity)
+    heartbeat = Heartbeat(settings, deps.table, deps.queue, activity, stop)
     heartbeat.start()
     handler = MessageHandler(deps, heartbeat)
     log.info("adapter.started", extra={"worker": settings.worker_id, "backend": settings.backend.value,

@@ -71,24 +71,32 @@ class StandinProcess:
             self.port = sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.root / "standin.log"
-        cmd = [sys.executable, "-m", "gpuctl.local.comfyui_standin", "--port", str(self.port), "--seconds-per-job",
-               str(seconds_per_job), "--input-dir", str(self.root / "input"), "--output-dir",
-               str(self.root / "output"), *extra]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log)
+        self._cmd = [sys.executable, "-m", "gpuctl.local.comfyui_standin", "--port", str(self.port),
+                     "--seconds-per-job", str(seconds_per_job), "--input-dir", str(self.root / "input"),
+                     "--output-dir", str(self.root / "output"), *extra]
+        self._runs: dict[str, StandinRun] = {}
+        self._read = 0
+        self.start()
+
+    def start(self) -> None:
+        """Start (or restart, on the same port and folders) the stand-in and wait until it answers."""
         import httpx
 
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self._cmd, cwd=ROOT, stdout=log, stderr=log)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 httpx.get(f"{self.base_url}/system_stats", timeout=1).raise_for_status()
-                break
+                return
             except httpx.HTTPError:
                 time.sleep(0.1)
-        else:
-            raise SystemExit("the stand-in process did not start")
-        self._runs: dict[str, StandinRun] = {}
-        self._read = 0
+        raise SystemExit("the stand-in process did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: ComfyUI crashing (its queue and history are lost; a restart starts empty)."""
+        self.proc.kill()
+        self.proc.wait(10)
 
     def runs(self) -> dict[str, StandinRun]:
         """Every prompt the stand-in finished so far, by prompt id."""
@@ -474,6 +482,72 @@ def bench_requests(endpoint: str, jobs_count: int, seconds_per_job: float,
     return rows
 
 
+# --- 3b. cancel latency -----------------------------------------------------------------------------------------
+
+def bench_cancel(endpoint: str, trials: int) -> list[tuple[str, str]]:
+    """Cancel a prompt queued on ComfyUI, then the running one; time each from the request to ``failed``."""
+    from gpuctl.models import JobStatus
+
+    res = fresh_resources(endpoint)
+    jobs = Jobs(res)
+    latency: dict[str, list[float]] = {"queued": [], "running": []}
+    with standin(20.0) as server, adapter_process(res, server):
+        for _ in range(trials):
+            pair = jobs.submit(2)
+            # Both in hand; the one whose record shows progress runs on the stand-in, the other waits behind it.
+            _until(lambda p=pair: all(_state(jobs, t) == "processing" for t in p)
+                   and any((jobs.gw.table.get(t).progress or 0) > 0 for t in p), 60)
+            first = jobs.gw.table.get(pair[0])
+            running, queued = (pair[0], pair[1]) if (first.progress or 0) > 0 else (pair[1], pair[0])
+            for name, task_id in (("queued", queued), ("running", running)):
+                asked = time.monotonic()
+                jobs.gw.table.update_fields(task_id, {"cancel_requested": True}, only_if=[JobStatus.PROCESSING])
+                _until(lambda t=task_id: _state(jobs, t) == "failed", 30)
+                latency[name].append(time.monotonic() - asked)
+    return [(f"Cancel latency (`gpuctl jobs cancel` write → record `failed` \"cancelled by user\"), {trials} each",
+             f"prompt queued on ComfyUI: p50 {_ms(statistics.median(latency['queued']))}, max "
+             f"{_ms(max(latency['queued']))}; running: p50 {_ms(statistics.median(latency['running']))}, max "
+             f"{_ms(max(latency['running']))} — goal ≤ 5 s: "
+             f"{'met' if max(max(v) for v in latency.values()) <= 5 else 'MISSED'}")]
+
+
+def _state(jobs: Jobs, task_id: str) -> str:
+    return jobs.gw.table.get(task_id).status.value
+
+
+def _until(predicate: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out waiting in the cancel benchmark")
+        time.sleep(0.02)
+
+
+# --- 3c. an outage ---------------------------------------------------------------------------------------------
+
+def bench_outage(endpoint: str, jobs_count: int, minutes: float) -> list[tuple[str, str]]:
+    """Queued jobs, ComfyUI killed (SIGKILL) for ``minutes``, restarted: how many end completed, failed."""
+    res = fresh_resources(endpoint)
+    jobs = Jobs(res)
+    with standin(0.5) as server, adapter_process(res, server) as adapter:
+        task_ids = jobs.submit(jobs_count)
+        _until(lambda: sum(_state(jobs, t) == "completed" for t in task_ids) >= 2, 120)
+        server.kill()
+        time.sleep(minutes * 60)
+        server.start()
+        deadline = time.monotonic() + 600
+        while any(_state(jobs, t) not in FINISHED for t in task_ids) and time.monotonic() < deadline:
+            time.sleep(1)
+        states = [jobs.gw.table.get(t) for t in task_ids]
+        log = adapter.log_path.read_text(errors="replace")
+    completed = sum(r.status.value == "completed" for r in states)
+    failed = sum(r.status.value == "failed" for r in states)
+    return [(f"Outage: {jobs_count} queued jobs, the stand-in SIGKILLed for {minutes:g} min with default settings, "
+             "then restarted", f"{completed} completed, {failed} failed, "
+             f"{jobs_count - completed - failed} unfinished; attempts per job {sorted({r.attempts for r in states})}; "
+             f"paused {log.count('adapter.paused')}×, resumed {log.count('adapter.resumed')}×")]
+
+
 # --- 4. resident memory and ComfyUI disk use --------------------------------------------------------------------
 
 def bench_memory(endpoint: str, checkpoints: list[int], wave: int, seconds_per_job: float) -> list[tuple[str, str]]:
@@ -512,7 +586,9 @@ def bench_memory(endpoint: str, checkpoints: list[int], wave: int, seconds_per_j
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller N everywhere (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="smaller N everywhere (a few minutes)")
+    parser.add_argument("--outage-minutes", type=float, default=None, metavar="M",
+                        help="only the outage run: 20 queued jobs, the stand-in killed for M minutes (10 for issue 9)")
     args = parser.parse_args()
     quick = args.quick
     # The in-process adapter and the gateways read GPUCTL_*/AWS_* from the environment: only ours.
@@ -525,6 +601,11 @@ def main() -> int:
 
     rows: list[tuple[str, str]] = []
     started = time.monotonic()
+    if args.outage_minutes is not None:
+        with moto_server() as endpoint:
+            rows += bench_outage(endpoint, 20, args.outage_minutes)
+        _print(rows, f".venv/bin/python bench/bench_adapter.py --outage-minutes {args.outage_minutes:g}", started)
+        return 0
     with moto_server() as endpoint:
         rows += bench_latency(endpoint, 20 if quick else 100, 0.5)
         rows += bench_backlog(endpoint, 10 if quick else 50, 1.0)
@@ -533,18 +614,22 @@ def main() -> int:
         rows += bench_requests(endpoint, 5 if quick else 10, 5.0,
                                "native, 5 s jobs, cancel checks off (`cancel_check_interval` 1000 s)",
                                cancel_check_interval=1000.0)
+        rows += bench_cancel(endpoint, 2 if quick else 5)
         rows += bench_requests(endpoint, 10 if quick else 50, 1.0, "unified, 1 s jobs", unified=True)
         for seconds in (1.0, 7.0):
             rows += bench_unified_latency(endpoint, 5 if quick else 20, seconds)
         checkpoints = [50, 200] if quick else [100, 1000, 2500, 5000]
         rows += bench_memory(endpoint, checkpoints, 50, 0.01)
-    command = ".venv/bin/python bench/bench_adapter.py" + (" --quick" if quick else "")
+    _print(rows, ".venv/bin/python bench/bench_adapter.py" + (" --quick" if quick else ""), started)
+    return 0
+
+
+def _print(rows: list[tuple[str, str]], command: str, started: float) -> None:
     print(f"\nReproduce: `{command}` ({time.monotonic() - started:.0f} s; {sys.platform}, "
           f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs)\n")
     print("| measurement | result |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ polled the whole time, and read again (briefly, quickly) after the WebSocket rep
 ``execution_success`` arrives before history is written (§10.1). A prompt that is neither in history nor
 known to the queue twice in a row was lost to a ComfyUI restart and is submitted again, a bounded number
 of times.
+
+Readiness (:meth:`ComfyBackend.check`): the server answers, every node class of the workflows is installed, and
+every literal combo value of the workflows (model files above all) is among ComfyUI's options. Stopping a prompt
+(cancel, timeout) deletes it from the queue and interrupts it, then waits — bounded, with one escalation — for
+ComfyUI to confirm. Each attempt's inputs, outputs and history entries are removed when it ends
+(``adapter.hygiene``). Observed behaviour of the real server: ``adapter/comfyui-observed.md``.
 """
 
 from __future__ import annotations

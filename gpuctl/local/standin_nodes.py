@@ -1,8 +1,11 @@
 """The node classes the stand-in knows, ComfyUI's graph validation, and each node's CPU implementation.
 
-The classes are exactly those of the two reference workflows (camera-angle and qwen-image-edit) plus the two
-alternatives named in the protocol reference §12 (``FluxKontextImageScale``, ``EmptySD3LatentImage``), with
-ComfyUI's input names, types, ranges and output slots. Validation follows ``execution.validate_prompt``
+The classes are those of the two reference workflows (camera-angle and qwen-image-edit), the two
+alternatives named in the protocol reference §12 (``FluxKontextImageScale``, ``EmptySD3LatentImage``),
+ComfyUI's core image nodes (``ImageScale``, ``ImageInvert``, ``ImageBlur``, ``ImageStitch``: model-free
+override workflows run on them) and ``GpuctlTestSlow``, a slow node with a progress bar for tests (its
+real-ComfyUI twin is in ``bench/comfyui_nodes``), with ComfyUI's input names, types, ranges and output slots.
+Validation follows ``execution.validate_prompt``
 (reference §3) closely enough that error *shapes* match: the same ``type``/``message``/``details``/
 ``extra_info`` per failure, the same top-level errors, and the same rule that only nodes reachable from an
 output node are validated and run.

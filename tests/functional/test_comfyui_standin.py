@@ -1220,7 +1220,7 @@ def test_interrupt_lag_and_history_delay_are_settable(make_standin: Callable[...
             seen["interrupted"] = time.monotonic()
             seen["history_at_event"] = float(bool(comfy.history(pid)))
 
-    pid, messages = comfy.run_with_ws(lambda: comfy.queue(slow_graph("adapter/in.png", 4.0, 20), client_id="tester"),
+    pid, _ = comfy.run_with_ws(lambda: comfy.queue(slow_graph("adapter/in.png", 4.0, 20), client_id="tester"),
                                       on_message=on_message)
     assert 1.0 <= seen["interrupted"] - seen["asked"] < 1.8
     assert seen["history_at_event"] == 0.0  # as on 0.3.64: history comes after the event
@@ -1229,7 +1229,7 @@ def test_interrupt_lag_and_history_delay_are_settable(make_standin: Callable[...
 
 def test_progress_state_comes_before_each_progress(comfy: Comfy) -> None:
     """As in ComfyUI's progress hook, each step sends progress_state first, then progress."""
-    pid, messages = comfy.run_with_ws(lambda: comfy.queue(slow_graph("adapter/in.png", 0.2, 3), client_id="tester"))
+    _, messages = comfy.run_with_ws(lambda: comfy.queue(slow_graph("adapter/in.png", 0.2, 3), client_id="tester"))
     kinds = [m["type"] for m in messages if m["type"] in ("progress", "progress_state")]
     first_progress = kinds.index("progress")
     assert kinds[first_progress - 1] == "progress_state"
