@@ -9,6 +9,8 @@ are followed by hand, a few hops at most, each hop checked the same way. The rul
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
@@ -67,28 +69,42 @@ def fetch_input(url: str, *, store: ObjectStore, http: httpx.Client, max_bytes: 
     return _fetch_https(url, http=http, max_bytes=max_bytes, resolve=resolve)
 
 
-@stamina.retry(on=is_transient_http, attempts=4, timeout=60.0)
-def _fetch_https(url: str, *, http: httpx.Client, max_bytes: int, resolve: Resolver | None) -> bytes:
+@contextlib.contextmanager
+def _following(url: str, *, http: httpx.Client, resolve: Resolver | None,
+               headers: dict[str, str] | None = None) -> Iterator[httpx.Response]:
+    """The final response of a GET of ``url``, redirects followed by hand, each hop checked first.
+
+    Raises:
+        PermanentJobError: a refused URL, a 404/410/401/403, too many redirects.
+        httpx.HTTPStatusError: another error status.
+    """
     current = url
     for _ in range(_MAX_REDIRECTS + 1):
         check_url(current, resolve=resolve)
-        with http.stream("GET", current, follow_redirects=False) as response:
+        with http.stream("GET", current, follow_redirects=False, headers=headers) as response:
             if response.is_redirect and "location" in response.headers:
                 current = urljoin(current, response.headers["location"])
                 continue
             if response.status_code in (404, 410, 401, 403):
                 raise PermanentJobError(f"image URL {redact_url(url)} answered HTTP {response.status_code}")
             response.raise_for_status()
-            length = response.headers.get("content-length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise PermanentJobError(f"image at {redact_url(url)} is larger than {max_bytes} bytes")
-            buf = bytearray()
-            for chunk in response.iter_bytes():
-                buf.extend(chunk)
-                if len(buf) > max_bytes:
-                    raise PermanentJobError(f"image at {redact_url(url)} is larger than {max_bytes} bytes")
-            return bytes(buf)
+            yield response
+            return
     raise PermanentJobError(f"image URL {redact_url(url)} redirects more than {_MAX_REDIRECTS} times")
+
+
+@stamina.retry(on=is_transient_http, attempts=4, timeout=60.0)
+def _fetch_https(url: str, *, http: httpx.Client, max_bytes: int, resolve: Resolver | None) -> bytes:
+    with _following(url, http=http, resolve=resolve) as response:
+        length = response.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_bytes:
+            raise PermanentJobError(f"image at {redact_url(url)} is larger than {max_bytes} bytes")
+        buf = bytearray()
+        for chunk in response.iter_bytes():
+            buf.extend(chunk)
+            if len(buf) > max_bytes:
+                raise PermanentJobError(f"image at {redact_url(url)} is larger than {max_bytes} bytes")
+        return bytes(buf)
 
 
 def check_image(data: bytes, url: str, limits: ImageLimits | None = None) -> str:
@@ -136,24 +152,13 @@ def check_input_header(url: str, *, store: ObjectStore, http: httpx.Client, limi
 
 @stamina.retry(on=is_transient_http, attempts=4, timeout=60.0)
 def _https_header(url: str, *, http: httpx.Client, resolve: Resolver | None) -> tuple[bytes, int]:
-    current = url
-    for _ in range(_MAX_REDIRECTS + 1):
-        check_url(current, resolve=resolve)
-        with http.stream("GET", current, follow_redirects=False,
-                         headers={"Range": f"bytes=0-{HEADER_BYTES - 1}"}) as response:
-            if response.is_redirect and "location" in response.headers:
-                current = urljoin(current, response.headers["location"])
-                continue
-            if response.status_code in (404, 410, 401, 403):
-                raise PermanentJobError(f"image URL {redact_url(url)} answered HTTP {response.status_code}")
-            response.raise_for_status()
-            total = response.headers.get("content-range", "").rpartition("/")[2]
-            length = response.headers.get("content-length", "")
-            buf = bytearray()
-            for chunk in response.iter_bytes():
-                buf.extend(chunk)
-                if len(buf) >= HEADER_BYTES:
-                    break
-            size = int(total) if total.isdigit() else int(length) if length.isdigit() else len(buf)
-            return bytes(buf[:HEADER_BYTES]), size
-    raise PermanentJobError(f"image URL {redact_url(url)} redirects more than {_MAX_REDIRECTS} times")
+    with _following(url, http=http, resolve=resolve, headers={"Range": f"bytes=0-{HEADER_BYTES - 1}"}) as response:
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+        length = response.headers.get("content-length", "")
+        buf = bytearray()
+        for chunk in response.iter_bytes():
+            buf.extend(chunk)
+            if len(buf) >= HEADER_BYTES:
+                break
+        size = int(total) if total.isdigit() else int(length) if length.isdigit() else len(buf)
+        return bytes(buf[:HEADER_BYTES]), size

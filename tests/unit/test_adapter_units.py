@@ -334,3 +334,55 @@ def test_unified_backend_follows_redirects_and_posts_the_canonical_path():
     result = backend.run(BackendJob("t", message, message.request()), JobControl(5.0, on_backend_job=noted.append))
     assert result.result_uri == "s3://b/r.png" and noted == ["j1"]
     assert seen[:2] == ["POST /api/v1/camera-angle/jobs", "POST /moved/camera-angle/jobs"]
+
+
+def _public(host: str, port: int) -> list[str]:
+    return ["93.184.216.34"]
+
+
+def test_fetch_input_follows_checked_redirects_and_refuses_a_private_hop(tmp_path: Path):
+    """https inputs: a redirect to another public host is followed; one to a private address is refused."""
+    from adapter.inputs import fetch_input
+
+    png = make_image(tmp_path / "in.png").read_bytes()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/moved":
+            return httpx.Response(302, headers={"location": "https://cdn.example.org/in.png"})
+        if request.url.path == "/to-metadata":
+            return httpx.Response(302, headers={"location": "https://169.254.169.254/latest"})
+        return httpx.Response(200, content=png)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        got = fetch_input("https://example.org/moved", store=None, http=http, max_bytes=10**6,  # type: ignore[arg-type]
+                          resolve=_public)
+        assert got == png
+        with pytest.raises(PermanentJobError, match=r"169\.254\.169\.254"):
+            fetch_input("https://example.org/to-metadata", store=None, http=http, max_bytes=10**6,  # type: ignore[arg-type]
+                        resolve=_public)
+
+
+def test_input_header_check_reads_only_the_header_and_applies_the_pixel_limit(tmp_path: Path):
+    """The unified path asks for the first 64 KiB only and refuses a bomb from its header."""
+    import struct
+    import zlib
+
+    from adapter.inputs import check_input_header
+    from gpuctl.inputs import ImageLimits
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    ranges: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        ranges.append(request.headers.get("range"))
+        return httpx.Response(206, content=bomb, headers={"content-range": f"bytes 0-{len(bomb) - 1}/900000"})
+
+    limits = ImageLimits(max_bytes=20 * 2**20, max_pixels=40_000_000, max_side=12000)
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http, pytest.raises(PermanentJobError, match="pixels"):
+        check_input_header("https://example.org/bomb.png", store=None, http=http, limits=limits,  # type: ignore[arg-type]
+                           resolve=_public)
+    assert ranges == ["bytes=0-65535"]
