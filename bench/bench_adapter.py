@@ -587,6 +587,8 @@ def bench_memory(endpoint: str, checkpoints: list[int], wave: int, seconds_per_j
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller N everywhere (a few minutes)")
+    parser.add_argument("--only", choices=["latency", "backlog", "requests", "cancel", "unified", "memory"],
+                        help="run one section only")
     parser.add_argument("--outage-minutes", type=float, default=None, metavar="M",
                         help="only the outage run: 20 queued jobs, the stand-in killed for M minutes (10 for issue 9)")
     args = parser.parse_args()
@@ -606,21 +608,30 @@ def main() -> int:
             rows += bench_outage(endpoint, 20, args.outage_minutes)
         _print(rows, f".venv/bin/python bench/bench_adapter.py --outage-minutes {args.outage_minutes:g}", started)
         return 0
+    only = args.only
     with moto_server() as endpoint:
-        rows += bench_latency(endpoint, 20 if quick else 100, 0.5)
-        rows += bench_backlog(endpoint, 10 if quick else 50, 1.0)
-        rows += bench_requests(endpoint, 10 if quick else 50, 1.0, "native, 1 s jobs, default settings")
-        rows += bench_requests(endpoint, 5 if quick else 10, 5.0, "native, 5 s jobs, default settings")
-        rows += bench_requests(endpoint, 5 if quick else 10, 5.0,
-                               "native, 5 s jobs, cancel checks off (`cancel_check_interval` 1000 s)",
-                               cancel_check_interval=1000.0)
-        rows += bench_cancel(endpoint, 2 if quick else 5)
-        rows += bench_requests(endpoint, 10 if quick else 50, 1.0, "unified, 1 s jobs", unified=True)
-        for seconds in (1.0, 7.0):
-            rows += bench_unified_latency(endpoint, 5 if quick else 20, seconds)
-        checkpoints = [50, 200] if quick else [100, 1000, 2500, 5000]
-        rows += bench_memory(endpoint, checkpoints, 50, 0.01)
-    _print(rows, ".venv/bin/python bench/bench_adapter.py" + (" --quick" if quick else ""), started)
+        if only in (None, "latency"):
+            rows += bench_latency(endpoint, 20 if quick else 100, 0.5)
+        if only in (None, "backlog"):
+            rows += bench_backlog(endpoint, 10 if quick else 50, 1.0)
+        if only in (None, "requests"):
+            rows += bench_requests(endpoint, 10 if quick else 50, 1.0, "native, 1 s jobs, default settings")
+            rows += bench_requests(endpoint, 5 if quick else 10, 5.0, "native, 5 s jobs, default settings")
+            rows += bench_requests(endpoint, 5 if quick else 10, 5.0,
+                                   "native, 5 s jobs, cancel checks off (`cancel_check_interval` 1000 s)",
+                                   cancel_check_interval=1000.0)
+        if only in (None, "cancel"):
+            rows += bench_cancel(endpoint, 2 if quick else 5)
+        if only in (None, "unified"):
+            rows += bench_requests(endpoint, 10 if quick else 50, 1.0, "unified, 1 s jobs", unified=True)
+            for seconds in (1.0, 7.0):
+                rows += bench_unified_latency(endpoint, 5 if quick else 20, seconds)
+        if only in (None, "memory"):
+            checkpoints = [50, 200] if quick else [100, 1000, 2500, 5000]
+            rows += bench_memory(endpoint, checkpoints, 50, 0.01)
+    command = " ".join([".venv/bin/python bench/bench_adapter.py", *(["--quick"] if quick else []),
+                        *([f"--only {only}"] if only else [])])
+    _print(rows, command, started)
     return 0
 
 

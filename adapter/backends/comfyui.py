@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -259,7 +260,9 @@ class ComfyBackend:
         self._has_jobs_api = False
         self.files = JobFiles(settings.comfyui_input_dir, settings.comfyui_output_dir, settings.comfyui_file_ttl)
         # Prompts that did not confirm a stop: ComfyUI may still write their history and files.
-        self._orphans: dict[str, str] = {}
+        self._orphans: set[str] = set()
+        # Clean-up runs here, after the job's result is on its way: it is never on a job's critical path.
+        self._janitor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comfyui-cleanup")
         self.version: str | None = None
 
     # --- readiness --------------------------------------------------------------------------------
@@ -303,6 +306,7 @@ class ComfyBackend:
         return None
 
     def close(self) -> None:
+        self._janitor.shutdown(wait=True)
         self._watcher.stop()
         if self._watcher.is_alive():
             self._watcher.join(timeout=5.0)
@@ -363,7 +367,7 @@ class ComfyBackend:
             raise TransientJobError(f"ComfyUI lost the prompt {self._settings.max_resubmits + 1} times "
                                     "(restarting?)")
         finally:
-            self._cleanup(stem, uploaded, prompt_ids)
+            self._janitor.submit(self._cleanup, stem, uploaded, prompt_ids)
 
     def _upload(self, stem: str, index: int, data: bytes, ext: str) -> str:
         name = f"{stem}_{index}.{ext}"
@@ -484,7 +488,7 @@ class ComfyBackend:
                 log.warning("comfyui.interrupt_escalated", extra={"prompt_id": prompt_id, "state": state})
                 self._send_stop(prompt_id, global_interrupt=state == "running")
             if elapsed >= timeout:
-                self._orphans[prompt_id] = ""
+                self._janitor.submit(self._orphans.add, prompt_id)
                 break
             control.wait_notified(0.2)
         if how == "event":
@@ -508,7 +512,8 @@ class ComfyBackend:
             log.warning("comfyui.interrupt_failed", extra={"prompt_id": prompt_id, "error": repr(exc)})
 
     def _cleanup(self, stem: str, uploaded: list[str], prompt_ids: list[str]) -> None:
-        """Remove what this attempt left on ComfyUI: history entries, uploaded inputs, written outputs."""
+        """Remove what this attempt left on ComfyUI: history entries, uploaded inputs, written outputs (on the
+        janitor thread, the only one that touches ``_orphans``)."""
         done_orphans = []
         for orphan in list(self._orphans):
             with contextlib.suppress(httpx.HTTPError, ValueError):
@@ -518,8 +523,7 @@ class ComfyBackend:
         if forget:
             with contextlib.suppress(httpx.HTTPError):
                 self._http.post("/history", json={"delete": forget})
-        for orphan in done_orphans:
-            self._orphans.pop(orphan, None)
+        self._orphans.difference_update(done_orphans)
         removed = self.files.remove(stem, uploaded)
         log.debug("comfyui.cleaned", extra={"stem": stem, "files": removed, "history": len(forget)})
 
