@@ -357,7 +357,7 @@ class ComfyBackend:
                     self._submit(graph, prompt_id)
                     log.info("comfyui.prompt_queued", extra={"task_id": job.task_id, "prompt_id": prompt_id,
                                                              "submission": submission + 1})
-                    entry = self._wait(prompt_id, control, listener)
+                    entry = self._wait(prompt_id, control, listener, job.task_id)
                 finally:
                     self._watcher.forget(prompt_id)
                 if entry is None:
@@ -426,7 +426,8 @@ class ComfyBackend:
                 return state
         return "done" if self._history(prompt_id) is not None else "unknown"
 
-    def _wait(self, prompt_id: str, control: JobControl, listener: _Listener) -> dict[str, Any] | None:
+    def _wait(self, prompt_id: str, control: JobControl, listener: _Listener,
+              task_id: str) -> dict[str, Any] | None:
         """The history entry once the prompt ends; None when ComfyUI lost it."""
         interval = self._settings.history_poll_interval
         last_contact = time.monotonic()
@@ -435,7 +436,7 @@ class ComfyBackend:
         while True:
             reason = control.stop_reason()
             if reason is not None:
-                self._stop(prompt_id, control, listener)
+                self._stop(prompt_id, control, listener, task_id)
                 raise JobInterrupted(reason, prompt_id)
             try:
                 entry = self._history(prompt_id)
@@ -456,7 +457,7 @@ class ComfyBackend:
                 log.info("comfyui.unreachable", extra={"prompt_id": prompt_id, "error": repr(exc)})
             control.wait(interval if missing == 0 else min(interval, 0.5))
 
-    def _stop(self, prompt_id: str, control: JobControl, listener: _Listener) -> None:
+    def _stop(self, prompt_id: str, control: JobControl, listener: _Listener, task_id: str) -> None:
         """Stop the prompt whether it runs or waits, and wait (bounded) until ComfyUI confirms it.
 
         A queued prompt is deleted from the queue; a running one is interrupted, which ComfyUI only honours
@@ -500,7 +501,8 @@ class ComfyBackend:
                     control.wait_notified(0.05)
         level = logging.WARNING if how == "unconfirmed" else logging.INFO
         log.log(level, "comfyui.prompt_stopped", extra={
-            "prompt_id": prompt_id, "confirmed_by": how, "ms": round((time.monotonic() - started) * 1000)})
+            "task_id": task_id, "prompt_id": prompt_id, "confirmed_by": how,
+            "ms": round((time.monotonic() - started) * 1000)})
 
     def _send_stop(self, prompt_id: str, *, global_interrupt: bool) -> None:
         try:

@@ -236,8 +236,8 @@ def test_comfyui_outage_pauses_the_adapter_and_fails_no_job(standin_process, ada
 def test_cancel_reaches_a_queued_and_a_running_prompt_within_five_seconds(standin_factory, adapter_factory, gw,
                                                                           input_url):
     """A prompt waiting in ComfyUI's queue is deleted, a running one interrupted; both end "cancelled by user"."""
-    # GIVEN two long jobs in hand: the first running on ComfyUI, the second queued behind it
-    standin = standin_factory(seconds_per_job=20.0)
+    # GIVEN two long jobs in hand: the first running on ComfyUI (a 0.4 s sampler step), the second queued behind it
+    standin = standin_factory(seconds_per_job=20.0, steps=40)
     adapter = adapter_factory(standin).start()
     running = submit(gw, JobType.CAMERA_ANGLE, {"image_url": input_url})
     wait_for(gw, running, {JobStatus.PROCESSING}, check=lambda r: (r.progress or 0) > 0)
@@ -251,8 +251,10 @@ def test_cancel_reaches_a_queued_and_a_running_prompt_within_five_seconds(standi
         # THEN it ends failed "cancelled by user" within 5 s, confirmed by ComfyUI
         assert record.status is JobStatus.FAILED and record.error_message == "cancelled by user"
         assert time.monotonic() - asked < 5
-    stops = events_named(adapter, "comfyui.prompt_stopped")
-    assert sorted(e["confirmed_by"] for e in stops) == ["event", "unknown"]  # interrupted; deleted from queue
+    # confirmed: the queued prompt by its absence (deleted from the queue), the running one by its end event or,
+    # if /queue answered first, by its history entry
+    confirmed = {e["task_id"]: e["confirmed_by"] for e in events_named(adapter, "comfyui.prompt_stopped")}
+    assert confirmed[queued] == "unknown" and confirmed[running] in ("event", "done"), confirmed
     assert not standin.standin.pending and standin.standin.running is None
     assert_comfyui_clean(standin)
 
