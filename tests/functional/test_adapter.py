@@ -189,7 +189,7 @@ def test_camera_angle_job_completes_end_to_end(standin, adapter_factory, gw, inp
     assert record.comfy_job_id and record.attempts == 1 and record.progress == 1.0
     assert record.worker and record.finished_at
     wait_until(lambda: queue_counts(gw) == (0, 0), 10, "an empty queue")
-    assert any(e.get("event") == "adapter.job_completed" for e in adapter.events())
+    wait_until(lambda: bool(events_named(adapter, "adapter.job_completed")), 10, "the job_completed line")
     # AND ComfyUI keeps nothing of it: no input, no output, no history entry
     assert_comfyui_clean(standin)
     # AND the activity marker says the adapter runs, holds nothing, and finished this job

