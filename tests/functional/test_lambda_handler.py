@@ -10,7 +10,6 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 
 import handler
@@ -36,6 +35,7 @@ def env(aws: Resources, monkeypatch: pytest.MonkeyPatch) -> Resources:
     # window is the only way lambda_handler (which uses the real clock) can see an idle instance.
     # The 30-minute window is exercised through run_once(now=...) below.
     monkeypatch.setenv("IDLE_MINUTES", "0")
+    monkeypatch.setenv("CLOCK_SKEW_SECONDS", "0")
     return aws
 
 
@@ -62,15 +62,26 @@ def start(instance_id: str) -> None:
     assert state(instance_id) == "running"
 
 
-def put_job(table: str, status: str, created_at: float, **numbers: float) -> None:
+def put_job(table: str, status: str, created_at: float, *, job_type: str = "/api/v1/camera-angle/jobs",
+            **numbers: float) -> str:
+    task_id = f"job-{status}-{created_at}"
     item: dict[str, Any] = {
-        "task_id": {"S": f"job-{status}-{created_at}"},
+        "task_id": {"S": task_id},
         "status": {"S": status},
-        "job_type": {"S": "/api/v1/camera-angle/jobs"},
+        "job_type": {"S": job_type},
         "created_at": {"N": str(int(created_at))},
         "updated_at": {"N": str(int(created_at))},
     }
     item.update({name: {"N": str(int(value))} for name, value in numbers.items()})
+    boto3.client("dynamodb", region_name=REGION).put_item(TableName=table, Item=item)
+    return task_id
+
+
+def put_marker(table: str, **values: Any) -> None:
+    """The activity marker as the adapter and submit write it."""
+    item: dict[str, Any] = {"task_id": {"S": "gpuctl#activity"}}
+    for name, value in values.items():
+        item[name] = {"S": value} if isinstance(value, str) else {"N": str(value)}
     boto3.client("dynamodb", region_name=REGION).put_item(TableName=table, Item=item)
 
 
@@ -87,12 +98,12 @@ def test_idle_instance_is_stopped_and_tagged(env: Resources, event_file: str, tr
     # WHEN
     result = handler.lambda_handler(load_event(event_file), None)
     # THEN
-    assert (result["action"], result["code"], result["outcome"]) == ("stop", "idle", "done")
+    assert (result["action"], result["code"], result["outcome"]) == ("stop", "idle", "stopped")
     assert result["trigger"] == trigger
     assert state(env.instance_id) == "stopped"
     instance_tags = tags(env.instance_id)
     assert instance_tags["gpuctl:stopped-reason"] == result["reason"]
-    assert instance_tags["gpuctl:stopped-at"] == result["decided_at"]
+    assert instance_tags["gpuctl:stopped-at"] == result["decided_at_iso"]
     assert instance_tags["gpuctl:stopped-by"] == "gpuctl-scheduler"
 
 
@@ -161,14 +172,33 @@ def test_expired_hold_does_not_prevent_stop(env: Resources) -> None:
     assert state(env.instance_id) == "stopped"
 
 
-def test_invalid_hold_is_ignored_and_logged(env: Resources, caplog: pytest.LogCaptureFixture) -> None:
-    """An unparseable hold value is reported as a warning and does not block the stop."""
+@pytest.mark.parametrize("value", ["tomorrow", "inf", "2h", "", "1796118136000", "4102444800"])
+def test_malformed_or_over_long_hold_counts_as_a_capped_hold(env: Resources, value: str) -> None:
+    """An unreadable, absurd or beyond-7-days hold keeps the instance up, with a warning naming the value."""
+    # GIVEN an idle running instance with a doubtful hold tag
+    start(env.instance_id)
+    ec2().create_tags(Resources=[env.instance_id], Tags=[{"Key": "gpuctl:hold-until", "Value": value}])
+    # WHEN
+    result = handler.lambda_handler(load_event(SCHEDULE_EVENT), None)
+    # THEN it is held for at most seven days from now, and the record says why
+    assert (result["action"], result["code"]) == ("none", "hold_active")
+    assert repr(value) in result["warnings"][0]
+    assert result["facts"]["hold_until"] == pytest.approx(time.time() + 7 * 86400, abs=60)
+    assert state(env.instance_id) == "running"
+
+
+def test_capped_hold_ends_seven_days_after_it_was_first_seen(env: Resources) -> None:
+    """The cap counts from when the scheduler first saw the value, so a malformed hold cannot pin for ever."""
     start(env.instance_id)
     ec2().create_tags(Resources=[env.instance_id], Tags=[{"Key": "gpuctl:hold-until", "Value": "tomorrow"}])
-    with caplog.at_level(logging.WARNING, logger="gpuctl.scheduler"):
-        result = handler.lambda_handler(load_event(SCHEDULE_EVENT), None)
-    assert result["action"] == "stop"
-    assert any(r.getMessage() == "scheduler.hold_tag_invalid" for r in caplog.records)
+    config = handler.SchedulerConfig.from_env({**_env_of(env), "IDLE_MINUTES": "0", "CLOCK_SKEW_SECONDS": "0"})
+    clients = handler.make_clients(REGION)
+    t0 = time.time()
+    first = handler.run_once(config, clients, now=t0)
+    later = handler.run_once(config, clients, now=t0 + 6 * 86400)
+    after = handler.run_once(config, clients, now=t0 + 7 * 86400 + 1)
+    assert [first["code"], later["code"], after["code"]] == ["hold_active", "hold_active", "idle"]
+    assert state(env.instance_id) == "stopped"
 
 
 def test_stopped_instance_with_waiting_message_is_started(env: Resources) -> None:
@@ -179,24 +209,16 @@ def test_stopped_instance_with_waiting_message_is_started(env: Resources) -> Non
     # WHEN
     result = handler.lambda_handler(load_event(SCHEDULE_EVENT), None)
     # THEN
-    assert (result["action"], result["code"], result["outcome"]) == ("start", "work_waiting", "done")
+    assert (result["action"], result["code"], result["outcome"]) == ("start", "work_waiting", "started")
     assert state(env.instance_id) == "running"
-    assert tags(env.instance_id)["gpuctl:started-at"] == result["decided_at"]
+    assert tags(env.instance_id)["gpuctl:started-at"] == result["decided_at_iso"]
 
 
-def test_stopped_instance_with_old_pending_job_is_started(env: Resources) -> None:
-    """A pending job older than a minute starts a stopped instance even when its message is missing."""
+def test_pending_job_without_a_message_does_not_start_a_stopped_instance(env: Resources) -> None:
+    """A pending GPU job whose message is not in the queue gives the GPU nothing to do: no start."""
     put_job(env.table_name, "pending", time.time() - 120)
     result = handler.lambda_handler(load_event(SCHEDULE_EVENT), None)
-    assert result["action"] == "start"
-    assert state(env.instance_id) == "running"
-
-
-def test_stopped_instance_with_fresh_pending_job_waits(env: Resources) -> None:
-    """A just-submitted pending job without a message does not start the instance yet."""
-    put_job(env.table_name, "pending", time.time())
-    result = handler.lambda_handler(load_event(SCHEDULE_EVENT), None)
-    assert (result["action"], result["code"]) == ("none", "work_not_yet_waiting")
+    assert (result["action"], result["code"]) == ("none", "pending_without_message")
     assert state(env.instance_id) == "stopped"
 
 
@@ -210,21 +232,39 @@ def test_stopped_idle_instance_is_left_alone(env: Resources) -> None:
 
 
 def test_recently_finished_job_blocks_stop_within_idle_window(env: Resources) -> None:
-    """With a 30-minute window, a job finished 10 minutes ago keeps the GPU up; 40 minutes later it stops."""
-    # GIVEN a running instance and a job finished at t0 but created long before (GSI sorts by created_at)
+    """With a 30-minute window, a job finished 10 minutes ago (per the marker) keeps the GPU up; 40 min: stop."""
+    # GIVEN a running instance whose adapter reported a finish at t0, for a job created long before
     start(env.instance_id)
     t0 = time.time() + 3600  # in the future of the instance's launch, so only the job decides
-    put_job(env.table_name, "completed", t0 - 7200, updated_at=t0 - 5, finished_at=t0)
-    put_job(env.table_name, "failed", t0 - 600, updated_at=t0 - 600)
+    put_job(env.table_name, "completed", t0 - 7200, updated_at=t0, finished_at=t0)
+    put_marker(env.table_name, adapter_seen_at=t0, last_finished_at=t0, adapter_state="running", jobs_in_hand=0)
     config = handler.SchedulerConfig.from_env({**_env_of(env), "IDLE_MINUTES": "30"})
     clients = handler.make_clients(REGION)
     # WHEN / THEN
     early = handler.run_once(config, clients, now=t0 + 10 * 60)
-    assert (early["action"], early["code"]) == ("none", "recent_activity")
-    assert early["facts"]["last_finished_at"] == int(t0)
+    assert (early["action"], early["code"], early["activity_source"]) == ("none", "recent_activity", "marker")
+    assert early["facts"]["last_finished_at"] == pytest.approx(t0)
     late = handler.run_once(config, clients, now=t0 + 40 * 60)
-    assert late["action"] == "stop"
+    assert (late["action"], late["outcome"]) == ("stop", "stopped")
     assert state(env.instance_id) == "stopped"
+
+
+def test_a_finish_hidden_behind_newer_jobs_still_counts(env: Resources) -> None:
+    """The old sampling bug: a job created 2 h ago that finished 60 s ago, behind 10 newer finished ones."""
+    # GIVEN the marker as the adapter keeps it, and the finished jobs as the status index orders them
+    start(env.instance_id)
+    t0 = time.time() + 3 * 3600
+    put_job(env.table_name, "completed", t0 - 7200, updated_at=t0 - 60, finished_at=t0 - 60)
+    for i in range(10):
+        put_job(env.table_name, "completed", t0 - 3600 + i, updated_at=t0 - 3590 + i, finished_at=t0 - 3590 + i)
+    put_marker(env.table_name, adapter_seen_at=t0 - 50, last_finished_at=t0 - 60, adapter_state="running",
+               jobs_in_hand=0)
+    config = handler.SchedulerConfig.from_env({**_env_of(env), "IDLE_MINUTES": "30"})
+    # WHEN
+    result = handler.run_once(config, handler.make_clients(REGION), now=t0)
+    # THEN
+    assert (result["action"], result["code"]) == ("none", "recent_activity")
+    assert state(env.instance_id) == "running"
 
 
 def test_missing_instance_is_reported_not_acted_on(env: Resources, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -265,58 +305,68 @@ def test_bad_idle_minutes_is_a_clear_error() -> None:
         handler.SchedulerConfig.from_env({**base, "IDLE_MINUTES": "-1"})
 
 
+def _stubbed_clients(ec2_client: Any) -> Any:
+    return handler.Clients(ec2=ec2_client, sqs=boto3.client("sqs", region_name=REGION),
+                           dynamodb=boto3.client("dynamodb", region_name=REGION))
+
+
 def test_instance_changing_state_under_us_is_skipped(env: Resources) -> None:
     """If EC2 rejects the stop (IncorrectInstanceState, which moto cannot produce) nothing is tagged."""
-    # GIVEN real moto SQS/DynamoDB and an EC2 client stubbed for the one error moto never raises
+    # GIVEN real moto SQS/DynamoDB, an idle marker, and an EC2 client stubbed for the one error moto never raises
+    put_marker(env.table_name, adapter_seen_at=1000.0, last_finished_at=1000.0)
     ec2_client = boto3.client("ec2", region_name=REGION)
-    clients = handler.Clients(
-        ec2=ec2_client,
-        sqs=boto3.client("sqs", region_name=REGION),
-        dynamodb=boto3.client("dynamodb", region_name=REGION),
-    )
     launched = {"InstanceId": env.instance_id, "State": {"Name": "running", "Code": 16}}
     with Stubber(ec2_client) as stub:
-        stub.add_response(
-            "describe_instances",
-            {"Reservations": [{"Instances": [launched]}]},
-            {"InstanceIds": [env.instance_id]},
-        )
-        stub.add_client_error(
-            "stop_instances",
-            service_error_code="IncorrectInstanceState",
-            service_message="The instance is not in a state from which it can be stopped.",
-            expected_params={"InstanceIds": [env.instance_id]},
-        )
+        stub.add_response("describe_instances", {"Reservations": [{"Instances": [launched]}]},
+                          {"InstanceIds": [env.instance_id]})
+        stub.add_client_error("stop_instances", service_error_code="IncorrectInstanceState",
+                              service_message="The instance is not in a state from which it can be stopped.",
+                              expected_params={"InstanceIds": [env.instance_id]})
         config = handler.SchedulerConfig.from_env(_env_of(env))
         # WHEN
-        result = handler.run_once(config, clients)
+        result = handler.run_once(config, _stubbed_clients(ec2_client))
         # THEN no create_tags call was made (the stubber would have raised on it)
         stub.assert_no_pending_responses()
-    assert (result["action"], result["outcome"]) == ("stop", "skipped:IncorrectInstanceState")
+    assert result["action"] == "stop"
+    assert result["outcome"] == "skipped: the instance changed state (IncorrectInstanceState)"
+    assert result["errors"] == []
 
 
 def test_failed_action_is_logged_then_raised(env: Resources, caplog: pytest.LogCaptureFixture) -> None:
-    """A start EC2 refuses (no capacity: moto never says so) is logged as a failed decision and re-raised."""
+    """A start EC2 refuses (no capacity: moto never says so) is logged as failed; the Lambda then errors."""
     # GIVEN work waiting on the stopped instance and EC2 stubbed to refuse the start
     send_message(env.queue_url)
     ec2_client = boto3.client("ec2", region_name=REGION)
-    clients = handler.Clients(
-        ec2=ec2_client,
-        sqs=boto3.client("sqs", region_name=REGION),
-        dynamodb=boto3.client("dynamodb", region_name=REGION),
-    )
     stopped_instance = {"InstanceId": env.instance_id, "State": {"Name": "stopped", "Code": 80}}
     with Stubber(ec2_client) as stub:
         stub.add_response("describe_instances", {"Reservations": [{"Instances": [stopped_instance]}]})
         stub.add_client_error("start_instances", service_error_code="InsufficientInstanceCapacity")
         config = handler.SchedulerConfig.from_env(_env_of(env))
-        # WHEN / THEN
-        with caplog.at_level(logging.INFO, logger="gpuctl.scheduler"), pytest.raises(ClientError):
-            handler.run_once(config, clients)
+        # WHEN
+        with caplog.at_level(logging.INFO, logger="gpuctl.scheduler"):
+            result = handler.run_once(config, _stubbed_clients(ec2_client))
+    # THEN the record says what happened, at ERROR
     (line,) = [r for r in caplog.records if r.name == "gpuctl.scheduler"]
     assert line.levelno == logging.ERROR
     logged = json.loads(line.getMessage())
-    assert (logged["action"], logged["outcome"]) == ("start", "failed:InsufficientInstanceCapacity")
+    assert (logged["action"], logged["outcome"]) == ("start", "failed: InsufficientInstanceCapacity")
+    assert logged["errors"][0]["code"] == "InsufficientInstanceCapacity"
+    assert result == logged
+
+
+def test_lambda_handler_raises_after_logging_a_run_with_failed_calls(env: Resources,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A run whose AWS calls failed is logged, then counts as a Lambda error (the stack alarms on those)."""
+    # GIVEN a queue that no longer exists
+    boto3.client("sqs", region_name=REGION).delete_queue(QueueUrl=env.queue_url)
+    start(env.instance_id)
+    # WHEN / THEN
+    with caplog.at_level(logging.INFO, logger="gpuctl.scheduler"), \
+            pytest.raises(handler.SchedulerRunFailed, match=r"queue: AWS\.SimpleQueueService\.NonExistentQueue"):
+        handler.lambda_handler(load_event(SCHEDULE_EVENT), None)
+    logged = json.loads(next(r for r in caplog.records if r.name == "gpuctl.scheduler").getMessage())
+    assert (logged["action"], logged["code"]) == ("none", "facts_unknown")
+    assert state(env.instance_id) == "running"
 
 
 def test_event_kind_recognises_the_real_event_shapes() -> None:
