@@ -14,7 +14,7 @@ from gpuctl.models import ACTIVITY_TASK_ID, GSI_STATUS_CREATED, JobRecord, JobSt
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
 
-__all__ = ["ADAPTER_FRESH_SECONDS", "Activity", "JobAlreadyExists", "JobTable", "TransitionRefused"]
+__all__ = ["ADAPTER_FRESH_SECONDS", "Activity", "JobAlreadyExists", "JobTable", "TableInfo", "TransitionRefused"]
 
 _BATCH_WRITE_MAX = 25
 #: An adapter that wrote the marker this recently (and no stop was decided since) is polling: its instance runs.
@@ -47,6 +47,10 @@ class Activity:
     adapter_worker: str | None = None
     jobs_in_hand: int | None = None
     stop_fence_at: float | None = None
+    #: The scheduler's record of when it first saw the current ``gpuctl:hold-until`` value: a malformed or
+    #: over-long hold is capped at the maximum from then (see lambda/decide.py resolve_hold).
+    hold_seen_value: str | None = None
+    hold_seen_at: float | None = None
 
     @classmethod
     def from_item(cls, item: Mapping[str, Any]) -> Activity:
@@ -63,7 +67,8 @@ class Activity:
 
         in_hand = num("jobs_in_hand")
         return cls(num("last_submit_at"), num("last_finished_at"), num("adapter_seen_at"), text("adapter_state"),
-                   text("adapter_worker"), None if in_hand is None else int(in_hand), num("stop_fence_at"))
+                   text("adapter_worker"), None if in_hand is None else int(in_hand), num("stop_fence_at"),
+                   hold_seen_value=text("hold_seen_value"), hold_seen_at=num("hold_seen_at"))
 
     def adapter_fresh(self, now: float, within: float = ADAPTER_FRESH_SECONDS) -> bool:
         """An adapter reported itself polling within ``within`` s and no stop was decided since."""
@@ -77,6 +82,20 @@ class Activity:
     def last_activity_at(self) -> float | None:
         times = [t for t in (self.last_submit_at, self.last_finished_at) if t is not None]
         return max(times) if times else None
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """What deploy and destroy need to know about a table (DescribeTable)."""
+
+    name: str
+    status: str
+    item_count: int | None  # DynamoDB's approximate count (refreshed about every six hours)
+    deletion_protection: bool
+    indexes: dict[str, list[tuple[str, str]]]  # index name -> [(attribute, HASH|RANGE)]
+
+    def has_status_index(self) -> bool:
+        return self.indexes.get(GSI_STATUS_CREATED) == [("status", "HASH"), ("created_at", "RANGE")]
 
 
 class JobAlreadyExists(Conflict):
@@ -330,9 +349,12 @@ class JobTable:
             sets["last_finished_at"] = finished_at
         self._marker_update(sets, returning=False)
 
-    def note_stop(self, now: float | None = None) -> None:
+    def note_stop(self, now: float | None = None, *, by: str | None = None) -> None:
         """Record that the instance is being stopped (before StopInstances), so submits start it again."""
-        self._marker_update({"stop_fence_at": now or _now()}, returning=False)
+        sets: dict[str, Any] = {"stop_fence_at": now or _now()}
+        if by:
+            sets["stop_fence_by"] = by
+        self._marker_update(sets, returning=False)
 
     def read_activity(self) -> Activity:
         """The marker, read consistently (all None when nothing has written it yet)."""
@@ -417,6 +439,84 @@ class JobTable:
         """How many jobs are in ``status`` (stops counting at ``cap`` when given)."""
         query = {**self._status_key(status), "Select": "COUNT"}
         return sum(int(page.get("Count", 0)) for page in self._pages(query, limit=cap))
+
+    def count_gpu_status(self, status: JobStatus, *, cap: int | None = None,
+                         job_types: Iterable[str] | None = None) -> int:
+        """How many GPU jobs (``job_type`` one of ``job_types``, default gpuctl's) are in ``status``.
+
+        Other services share the table (SPEC §11); their rows are filtered out by DynamoDB, so they are read
+        but never counted. Counting stops at ``cap`` matching jobs.
+        """
+        from gpuctl.models import GPU_API_PATHS
+
+        types = sorted(set(job_types if job_types is not None else GPU_API_PATHS))
+        spelled = types + [t + "/" for t in types]  # the running system's trailing-slash spelling too
+        key = self._status_key(status)
+        values = {**key["ExpressionAttributeValues"], **{f":jt{i}": {"S": t} for i, t in enumerate(spelled)}}
+        names = ", ".join(f":jt{i}" for i in range(len(spelled)))
+        query = {**key, "Select": "COUNT", "FilterExpression": f"#jt IN ({names})",
+                 "ExpressionAttributeNames": {**key["ExpressionAttributeNames"], "#jt": "job_type"},
+                 "ExpressionAttributeValues": values}
+        total = 0
+        for page in self._pages(query, limit=None):
+            total += int(page.get("Count", 0))
+            if cap is not None and total >= cap:
+                return cap
+        return total
+
+    # --- the table itself (deploy beside the running system, destroy --delete-data) ------------------
+    def describe(self) -> TableInfo:
+        """The table's status, approximate item count, deletion protection and indexes.
+
+        Raises:
+            NotFound: there is no such table.
+        """
+        import botocore.exceptions
+
+        try:
+            table: Any = self._client.describe_table(TableName=self.table_name)["Table"]
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise translate(exc, self._what()) from exc
+        indexes = {str(i["IndexName"]): [(str(k["AttributeName"]), str(k["KeyType"])) for k in i["KeySchema"]]
+                   for i in table.get("GlobalSecondaryIndexes", [])}
+        count = table.get("ItemCount")
+        return TableInfo(self.table_name, str(table.get("TableStatus", "")), None if count is None else int(count),
+                         bool(table.get("DeletionProtectionEnabled", False)), indexes)
+
+    def count_items(self, *, max_pages: int = 20) -> tuple[int, bool]:
+        """Count every item with a Scan (Select COUNT); return (count, exact). Stops after ``max_pages`` pages
+        (1 MB each), when the count is a lower bound (``exact`` False)."""
+        import botocore.exceptions
+
+        kwargs: dict[str, Any] = {"TableName": self.table_name, "Select": "COUNT"}
+        total = 0
+        for _ in range(max_pages):
+            try:
+                page: Any = self._client.scan(**kwargs)
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                raise translate(exc, self._what()) from exc
+            total += int(page.get("Count", 0))
+            if not page.get("LastEvaluatedKey"):
+                return total, True
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return total, False
+
+    def delete_table(self, *, timeout: float = 300.0) -> None:
+        """Turn deletion protection off, delete the table and wait until it is gone (destroy --delete-data)."""
+        import botocore.exceptions
+
+        try:
+            if self.describe().deletion_protection:
+                self._client.update_table(TableName=self.table_name, DeletionProtectionEnabled=False)
+            self._client.delete_table(TableName=self.table_name)
+            self._client.get_waiter("table_not_exists").wait(
+                TableName=self.table_name, WaiterConfig={"Delay": 2, "MaxAttempts": max(1, int(timeout / 2))})
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise translate(exc, self._what()) from exc
+        except botocore.exceptions.WaiterError as exc:
+            from gpuctl.errors import WaitTimeout
+
+            raise WaitTimeout(f"The table {self.table_name} was still being deleted after {timeout:.0f} s.") from exc
 
 
 def _now() -> float:

@@ -35,6 +35,8 @@ def status(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False
 
     out = state(ctx).renderer(output, quiet)
     info = instance_status(state(ctx).gateways)
+    if info.hold_warning and not out.json:
+        out.warn(info.hold_warning)
     if out.json:
         out.data(info.document())
     elif out.quiet:

@@ -25,7 +25,8 @@ from gpuctl.services.instance import (
 if TYPE_CHECKING:
     from gpuctl.services.context import Gateways
 
-__all__ = ["MAX_HOLD_SECONDS", "Hold", "StopRecord", "hold", "parse_hold_duration", "release", "why_stopped"]
+__all__ = ["MAX_HOLD_SECONDS", "Hold", "HoldJudgement", "StopRecord", "hold", "judge_hold", "parse_hold_duration",
+           "release", "why_stopped"]
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,48 @@ def _iso(epoch: float) -> str:
 
 
 @dataclass(frozen=True)
+class HoldJudgement:
+    """How the scheduler treats a ``gpuctl:hold-until`` value: until when it holds (None: no hold), and a
+    warning when it is not taken as written."""
+
+    until: float | None
+    warning: str | None = None
+
+
+def judge_hold(raw: str | None, now: float, *, first_seen_at: float | None = None) -> HoldJudgement:
+    """The hold as the scheduler honours it (the same rule as lambda/decide.py ``resolve_hold``).
+
+    A readable time in the past: no hold. A readable time up to :data:`MAX_HOLD_SECONDS` after the scheduler
+    first saw the value: that time. Anything else (blank, ``inf``, ``2h``, ``tomorrow``, a millisecond epoch,
+    beyond the cap) keeps the GPU up, but only until the cap.
+    """
+    from gpuctl.times import parse_time
+
+    if raw is None:
+        return HoldJudgement(None)
+    anchor = now if first_seen_at is None else min(first_seen_at, now)
+    cap = anchor + MAX_HOLD_SECONDS
+    days = MAX_HOLD_SECONDS // 86400
+    value = parse_time(raw)
+    if value is None:
+        return HoldJudgement(cap, f"the hold value {raw!r} is not a time; the scheduler treats it as a hold of "
+                                  f"at most {days} days, until {_iso(cap)}; `gpuctl instance hold` or `release` "
+                                  "replaces it")
+    if value <= now:
+        return HoldJudgement(None)
+    if value > cap:
+        return HoldJudgement(cap, f"the hold value {raw!r} is longer than the maximum of {days} days; the "
+                                  f"scheduler treats it as a hold until {_iso(cap)}")
+    return HoldJudgement(value)
+
+
+@dataclass(frozen=True)
 class Hold:
     instance_id: str
     until: float | None  # epoch seconds; None: no hold
     reason: str | None
     state: str | None = None  # the instance's state when the hold was set or released
+    warning: str | None = None  # the tag value was not a usable time (see judge_hold)
 
     def document(self) -> dict[str, Any]:
         return {
@@ -51,6 +89,7 @@ class Hold:
             "hold_until": None if self.until is None else int(self.until),
             "hold_until_iso": None if self.until is None else _iso(self.until),
             "hold_reason": self.reason,
+            "hold_warning": self.warning,
         }
 
 
@@ -130,17 +169,13 @@ def release(gw: Gateways) -> Hold:
 
 
 def _hold_from(instance_id: str, tags: dict[str, str], state: str) -> Hold:
+    """The hold the tags describe; a value that is not a time is reported as the tag says, with a warning."""
+    from gpuctl.times import parse_time
+
     raw = tags.get(HOLD_UNTIL_TAG)
-    until: float | None
-    try:
-        until = float(raw) if raw else None
-    except ValueError:
-        # The Lambda also accepts an ISO time someone tagged by hand.
-        try:
-            until = dt.datetime.fromisoformat(str(raw).replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            until = None
-    return Hold(instance_id, until, tags.get(HOLD_REASON_TAG) or None, state)
+    judged = judge_hold(raw, time.time())
+    until = parse_time(raw) if judged.warning is None or raw is None else judged.until
+    return Hold(instance_id, until, tags.get(HOLD_REASON_TAG) or None, state, judged.warning)
 
 
 def why_stopped(gw: Gateways) -> StopRecord:

@@ -124,6 +124,9 @@ class InstanceStatus:
     uptime_seconds: float | None
     workload: Workload
     tags: dict[str, str]
+    #: How the scheduler treats the hold tag: until when (None: no hold), and why when not as written.
+    hold_effective_until: float | None = None
+    hold_warning: str | None = None
 
     @property
     def busy(self) -> bool:
@@ -131,6 +134,8 @@ class InstanceStatus:
 
     def document(self) -> dict[str, Any]:
         """The stable JSON shape of ``gpuctl instance status --output json``."""
+        from gpuctl.times import stamp
+
         w = self.workload
         return {
             "instance_id": self.instance_id,
@@ -142,6 +147,8 @@ class InstanceStatus:
             "jobs": {"pending": w.pending, "processing": w.processing, "count_cap": COUNT_CAP},
             "hold_until": self.tags.get(HOLD_UNTIL_TAG),
             "hold_reason": self.tags.get(HOLD_REASON_TAG),
+            **stamp("hold_effective_until", self.hold_effective_until),
+            "hold_warning": self.hold_warning,
             "started_at": self.tags.get(STARTED_AT_TAG),
             "stopped_at": self.tags.get(STOPPED_AT_TAG),
             "stopped_reason": self.tags.get(STOPPED_REASON_TAG),
@@ -161,26 +168,40 @@ class StateChange:
 
 
 def workload(gw: Gateways) -> Workload:
-    """Queue counts and pending/processing job counts (each capped at :data:`COUNT_CAP`)."""
+    """Queue counts and pending/processing GPU job counts (each capped at :data:`COUNT_CAP`).
+
+    Only gpuctl's job types count: other services' tasks in the shared table are not the GPU's work (SPEC §11).
+    """
     from gpuctl.models import JobStatus
 
     stats = gw.queue.stats()
     return Workload(
         visible=stats.visible, in_flight=stats.in_flight, delayed=stats.delayed, dlq=stats.dlq_visible,
-        pending=gw.table.count_status(JobStatus.PENDING, cap=COUNT_CAP),
-        processing=gw.table.count_status(JobStatus.PROCESSING, cap=COUNT_CAP),
+        pending=gw.table.count_gpu_status(JobStatus.PENDING, cap=COUNT_CAP),
+        processing=gw.table.count_gpu_status(JobStatus.PROCESSING, cap=COUNT_CAP),
     )
 
 
-def instance_status(gw: Gateways) -> InstanceStatus:
-    """The instance's state, type and uptime, with the workload that says whether it is busy.
+def instance_status(gw: Gateways, *, now: float | None = None) -> InstanceStatus:
+    """The instance's state, type and uptime, with the workload that says whether it is busy, and the hold as
+    the scheduler treats it (a warning when the hold tag is not a usable time).
 
     Raises:
         NotFound: the instance, queue or table does not exist.
     """
+    from gpuctl.services.hold import judge_hold
+
     info = gw.instance.describe()
+    at = time.time() if now is None else now
+    raw = info.tags.get(HOLD_UNTIL_TAG)
+    judged = judge_hold(raw, at)
+    if judged.warning is not None:
+        # Capped holds count from when the scheduler first saw the value: it records that in the marker.
+        activity = gw.table.read_activity()
+        if activity.hold_seen_value == raw and activity.hold_seen_at is not None:
+            judged = judge_hold(raw, at, first_seen_at=activity.hold_seen_at)
     return InstanceStatus(info.instance_id, info.state, info.instance_type, info.uptime_seconds(),
-                          workload(gw), info.tags)
+                          workload(gw), info.tags, judged.until, judged.warning)
 
 
 def _iso_now() -> str:
@@ -240,6 +261,16 @@ def stop_instance(gw: Gateways, *, force: bool = False, wait: bool = False,
                 return StateChange(gateway.instance_id, current, current)
             raise Conflict(f"Refusing to stop {gateway.instance_id}: {work.describe()}. Wait for the work to "
                            "finish, or pass --force to stop it anyway (running jobs are then retried).")
+    fence_warning = None
+    if gateway.describe().state not in ("stopped", "stopping", "terminated", "shutting-down"):
+        # Before StopInstances: a submit that sees this fence starts the instance instead of trusting the
+        # adapter it saw polling a moment ago.
+        try:
+            gw.table.note_stop(by=_ACTOR)
+        except GpuctlError as exc:
+            log.warning("instance.stop_fence_failed", extra={"error": str(exc)})
+            fence_warning = (f"the stop was not recorded in the activity marker ({exc}); a job submitted in the "
+                             "next minute may wait for the scheduler to start the instance")
     previous, state = gateway.stop()
     if previous == "stopped":
         state = previous  # some endpoints answer "stopping" for an instance that was already stopped
@@ -247,6 +278,7 @@ def stop_instance(gw: Gateways, *, force: bool = False, wait: bool = False,
     if previous not in ("stopped", "stopping"):
         reason = "manual stop (forced)" if force else "manual stop"
         warning = _tag(gw, {STOPPED_AT_TAG: _iso_now(), STOPPED_REASON_TAG: reason, STOPPED_BY_TAG: _ACTOR})
+    warning = "; ".join(w for w in (fence_warning, warning) if w) or None
     log.info("instance.stop", extra={"instance_id": gateway.instance_id, "previous": previous, "force": force})
     if wait and state != "stopped":
         gateway.wait("stopped", timeout=timeout)

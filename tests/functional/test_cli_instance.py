@@ -88,3 +88,34 @@ def test_processing_job_keeps_the_instance_busy(gateways: Any) -> None:
     with pytest.raises(Conflict, match="1 job processing"):
         stop_instance(gateways)
     assert gateways.instance.describe().state == "running"
+
+
+def test_other_services_jobs_do_not_count(gateways: Any) -> None:
+    """Only GPU job types make the instance busy: another service's processing task neither shows as work nor
+    blocks a plain stop (SPEC §11)."""
+    import time
+
+    from gpuctl.models import JobRecord, JobStatus
+    from gpuctl.services.instance import instance_status, start_instance, stop_instance
+
+    start_instance(gateways)
+    now = time.time()
+    for i, status in enumerate([JobStatus.PROCESSING, JobStatus.PENDING]):
+        gateways.table.create(JobRecord(task_id=f"cpu-{i}", status=status, job_type="/api/v1/face-mask/tasks",
+                                        created_at=now, updated_at=now))
+    status = instance_status(gateways)
+    assert (status.workload.pending, status.workload.processing, status.busy) == (0, 0, False)
+    assert stop_instance(gateways).previous == "running"
+
+
+def test_stop_writes_the_fence_before_stopping(gateways: Any) -> None:
+    """A manual stop records stop_fence_at in the activity marker, so a fresh adapter no longer counts."""
+    from gpuctl.services.instance import start_instance, stop_instance
+
+    start_instance(gateways)
+    gateways.table.note_adapter("box:1", state="running", jobs_in_hand=0)
+    assert gateways.table.read_activity().adapter_fresh(__import__("time").time())
+    stop_instance(gateways)
+    marker = gateways.table.read_activity()
+    assert marker.stop_fence_at is not None and marker.stop_fence_at >= marker.adapter_seen_at
+    assert not marker.adapter_fresh(__import__("time").time())

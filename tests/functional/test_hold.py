@@ -45,7 +45,8 @@ def test_hold_sets_the_tags_the_lambda_reads(gateways: Any, aws: Resources) -> N
     assert tags[HOLD_UNTIL_TAG] == "1007200"
     assert tags[HOLD_REASON_TAG] == "debugging"
     assert result.document() == {"instance_id": aws.instance_id, "state": "stopped", "hold_until": 1007200,
-                                 "hold_until_iso": "1970-01-12T15:46:40Z", "hold_reason": "debugging"}
+                                 "hold_until_iso": "1970-01-12T15:46:40Z", "hold_reason": "debugging",
+                                 "hold_warning": None}
     # WHEN it is held again without a reason
     hold(gateways, "30m")
     # THEN the old reason is gone and the expiry is from now
@@ -124,3 +125,35 @@ def test_cli_hold_release_why_stopped(server_aws: Resources) -> None:
     bad = run_cli(["instance", "hold", "--for", "forever"], env)
     assert bad.returncode == 2
     assert "--for 'forever' is not a duration" in bad.stderr
+
+
+NOW = 1_750_000_000.0
+
+
+@pytest.mark.parametrize("raw", ["inf", "2h", "tomorrow", "", " ", "nan", str(int(NOW * 1000)),
+                                 str(int(NOW + 8 * 86400)), str(int(NOW + 3600)), str(int(NOW - 5)),
+                                 "2025-06-15T15:06:40Z", None])
+@pytest.mark.parametrize("first_seen", [None, NOW - 3 * 86400, NOW - 8 * 86400])
+def test_the_cli_judges_a_hold_as_the_scheduler_does(raw: str | None, first_seen: float | None) -> None:
+    """gpuctl's hold judgement and the Lambda's (which cannot import gpuctl) agree on every kind of value."""
+    from decide import Policy, resolve_hold
+    from gpuctl.services.hold import judge_hold
+
+    ours = judge_hold(raw, NOW, first_seen_at=first_seen)
+    lambdas = resolve_hold(raw, NOW, Policy(max_hold_seconds=MAX_HOLD_SECONDS), first_seen_at=first_seen)
+    assert ours.until == lambdas.until
+    assert (ours.warning is None) == (lambdas.warning is None)
+
+
+@pytest.mark.server
+def test_status_warns_about_a_malformed_hold(server_aws: Resources) -> None:
+    """`instance status` shows that an unreadable hold counts as a capped hold: a warning and the cap in JSON."""
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=server_aws.endpoint_url)
+    ec2.create_tags(Resources=[server_aws.instance_id], Tags=[{"Key": HOLD_UNTIL_TAG, "Value": "tomorrow"}])
+    doc = json.loads(run_cli(["instance", "status", "--output", "json"], server_aws.env()).stdout)
+    text = run_cli(["instance", "status"], server_aws.env())
+    assert doc["hold_until"] == "tomorrow"
+    assert "'tomorrow' is not a time" in doc["hold_warning"]
+    assert abs(doc["hold_effective_until"] - (time.time() + MAX_HOLD_SECONDS)) < 120
+    assert text.returncode == 0, text.stderr
+    assert "Warning: the hold value 'tomorrow' is not a time" in " ".join(text.stderr.split())

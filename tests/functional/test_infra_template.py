@@ -3,8 +3,9 @@
 What moto 5.2 does NOT emulate, so these tests cannot check it in the emulator (cfn-lint and the template-parsing
 tests below cover them instead):
 - AWS::CloudWatch::Alarm, AWS::S3::BucketPolicy, AWS::Lambda::EventInvokeConfig, AWS::CloudFront::* are skipped
-  with a UserWarning (filtered below); the function's DeadLetterConfig is dropped. Any Ref/GetAtt to them crashes moto, so the template never references the alarm, and deploying with
-  EnableCdn=true into moto fails (the CdnDomain output reads the distribution): local mode keeps the CDN off.
+  with a UserWarning (filtered below); the function's DeadLetterConfig is dropped. Any Ref/GetAtt to them crashes
+  moto, so the template never references the alarm, and deploying with EnableCdn=true into moto fails (the CDN
+  outputs read the distribution): local mode keeps the CDN off.
 - DynamoDB TimeToLiveSpecification and PointInTimeRecoverySpecification are ignored (TTL shows DISABLED).
 - S3 PublicAccessBlockConfiguration, LifecycleConfiguration and OwnershipControls are ignored (only
   BucketEncryption is applied); Lambda LoggingConfig is ignored.
