@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     instance_id: str | None = _env("GPUCTL_INSTANCE_ID", "GPU_INSTANCE_ID")
     bucket: str | None = _env("GPUCTL_BUCKET")
     cdn_domain: str | None = _env("GPUCTL_CDN_DOMAIN")
+    #: The scheduler Lambda's log group (`gpuctl instance decisions`); deploy records it from the stack.
+    scheduler_log_group: str | None = _env("GPUCTL_SCHEDULER_LOG_GROUP")
     stack_name: str = "gpuctl"
 
     inputs_prefix: str = "inputs/"
@@ -112,6 +114,7 @@ SETTING_HELP: dict[str, tuple[str, str]] = {
     "instance_id": ("GPU instance id", "GPU_INSTANCE_ID"),
     "bucket": ("S3 bucket for inputs and results", "GPUCTL_BUCKET"),
     "endpoint_url": ("AWS endpoint URL", "GPUCTL_ENDPOINT_URL"),
+    "scheduler_log_group": ("scheduler log group", "GPUCTL_SCHEDULER_LOG_GROUP"),
 }
 
 

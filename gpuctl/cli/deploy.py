@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from rich.status import Status
 
     from gpuctl.aws.cfn import StackEvent, StackInfo
-    from gpuctl.services.deploy import DeployPlan, DeployResult, DestroyResult
+    from gpuctl.services.deploy import DeployPlan, DeployResult, DestroyPlan, DestroyResult
 
 __all__ = ["register", "stack_app"]
 
@@ -51,6 +51,25 @@ def deploy(
     max_receive_count: Annotated[int | None, typer.Option(
         "--max-receive-count", min=1, max=1000, help="Deliveries before a message goes to the dead-letter "
                                                      "queue (new stack: 5).", show_default=False)] = None,
+    existing_queue_url: Annotated[str | None, typer.Option(
+        "--existing-queue-url", help="Use this existing job queue (the running system's gpu_tasks_queue) instead "
+                                     "of creating one; it needs a redrive policy.", show_default=False)] = None,
+    existing_dlq_url: Annotated[str | None, typer.Option(
+        "--existing-dlq-url", help="Its dead-letter queue (default: the one its redrive policy names).",
+        show_default=False)] = None,
+    existing_table: Annotated[str | None, typer.Option(
+        "--existing-table", help="Use this existing task table (e.g. task_store); it needs the "
+                                 "status-created_at-index.", show_default=False)] = None,
+    existing_bucket: Annotated[str | None, typer.Option(
+        "--existing-bucket", help="Use this existing bucket for inputs/ and results/.", show_default=False)] = None,
+    cdn_certificate_arn: Annotated[str | None, typer.Option(
+        "--cdn-certificate-arn", help="With --enable-cdn: the ACM certificate (us-east-1) for --cdn-domain.",
+        show_default=False)] = None,
+    cdn_domain: Annotated[str | None, typer.Option(
+        "--cdn-domain", help="With --enable-cdn: the domain the CDN serves results on.", show_default=False)] = None,
+    results_expire_days: Annotated[int | None, typer.Option(
+        "--results-expire-days", min=0, max=3650, help="Delete results after this many days (new stack: 0, keep).",
+        show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the change set, change nothing.")] = False,
     yes: YesOpt = False,
     output: OutputOpt = None,
@@ -62,7 +81,8 @@ def deploy(
 
     Follows the stack events, then writes queue_url, table_name, bucket, instance_id, … to the profile.
 
-    Options left out keep the stack's current values. Exit 1 when the stack fails or rolls back.
+    Options left out keep the stack's current values. Exit 1 when the stack fails or rolls back; exit 2 when an
+    existing queue has no redrive policy or an existing table has no status index (it says how to add them).
 
     Examples:
 
@@ -70,16 +90,24 @@ def deploy(
 
         gpuctl deploy --idle-minutes 45 --dry-run
 
+        gpuctl deploy --instance-id i-0123456789abcdef0 --existing-queue-url
+        https://sqs.us-east-1.amazonaws.com/123456789012/gpu_tasks_queue --existing-table task_store
+        --existing-bucket short-drama-assets
+
         gpuctl --endpoint-url http://127.0.0.1:5000 deploy --instance-id i-0123456789abcdef0 --yes
     """
+    from gpuctl.services.deploy import Existing
     from gpuctl.services.deploy import deploy as run_deploy
 
     app_state, out = state(ctx), state(ctx).renderer(output, quiet)
     _need_confirmation_channel(yes or dry_run, "deploy")
+    existing = Existing(existing_queue_url, existing_dlq_url, existing_table, existing_bucket)
     with _Progress(out, "Deploying…", yes=yes) as progress:
         result = run_deploy(
             app_state.gateways.clients, app_state.settings, stack_name=stack, instance_id=instance_id,
             idle_minutes=idle_minutes, enable_cdn=enable_cdn, max_receive_count=max_receive_count,
+            existing_resources=existing, cdn_certificate_arn=cdn_certificate_arn, cdn_domain=cdn_domain,
+            results_expire_days=results_expire_days,
             dry_run=dry_run, review=progress.review, on_event=progress.event, on_step=progress.step,
         )
     _render_deploy(out, result)
@@ -109,19 +137,30 @@ def _render_deploy(out: Renderer, result: DeployResult) -> None:
 
 # --- gpuctl destroy --------------------------------------------------------------------------------
 
-def destroy(ctx: typer.Context, stack: StackOpt = None, yes: YesOpt = False, output: OutputOpt = None,
-            quiet: QuietOpt = False) -> None:
-    """Delete the stack (queue, table, bucket, Lambda, alarm) and wait until it is gone.
+def destroy(
+    ctx: typer.Context,
+    stack: StackOpt = None,
+    delete_data: Annotated[bool, typer.Option(
+        "--delete-data", help="Also delete the table and the bucket the stack created (kept by default), after "
+                              "a confirmation that names them and counts their items.")] = False,
+    yes: YesOpt = False,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Delete the stack (queues, Lambda, alarms, roles) and wait until it is gone; keep the team's data.
 
-    Asks first unless --yes. The settings deploy recorded from the stack are removed from the profile.
-
-    A bucket that still holds objects makes the deletion fail: empty it first.
+    The table and the bucket the stack created are kept (the table stays protected against deletion): destroy
+    says what it kept and how to remove it. --delete-data removes them too, after its own confirmation (--yes
+    answers both questions). Resources of the running system given to deploy with --existing-... are never
+    touched. Asks first unless --yes. The settings deploy recorded from the stack are removed from the profile.
 
     Examples:
 
         gpuctl destroy
 
         gpuctl destroy --stack gpuctl-staging --yes
+
+        gpuctl destroy --stack gpuctl-scratch --delete-data
     """
     from gpuctl.services.deploy import destroy as run_destroy
 
@@ -129,7 +168,8 @@ def destroy(ctx: typer.Context, stack: StackOpt = None, yes: YesOpt = False, out
     _need_confirmation_channel(yes, "destroy")
     with _Progress(out, "Deleting the stack…", yes=yes) as progress:
         result = run_destroy(app_state.gateways.clients, app_state.settings, stack_name=stack,
-                             confirm=progress.confirm_destroy)
+                             confirm=progress.confirm_destroy, delete_data=delete_data,
+                             confirm_data=progress.confirm_delete_data)
     _render_destroy(out, result)
 
 
@@ -140,6 +180,16 @@ def _render_destroy(out: Renderer, result: DestroyResult) -> None:
         out.ids([result.stack_name if result.deleted else ""])
     elif result.deleted:
         out.note(f"Deleted the stack {result.stack_name}.")
+        for data in result.data_deleted:
+            out.note(f"Deleted the {data.kind} {data.name} ({data.counted}).")
+        for data in result.kept:
+            out.note(f"Kept the {data.kind} {data.name} ({data.counted}). To remove it: {data.how_to_remove()}.")
+        if result.kept:
+            flags = " ".join(f"--existing-{k.kind} {k.name}" for k in result.kept)
+            out.note(f"To use the kept data with a new stack: gpuctl deploy {flags} (and --existing-queue-url for "
+                     "a queue that still exists).")
+        for kind, name in sorted(result.untouched.items()):
+            out.note(f"Left the {kind} {name} alone: it was not part of the stack.")
         if result.forgotten:
             out.note(f"Removed {', '.join(result.forgotten)} from {result.config_path}.")
     if not result.deleted:
@@ -263,9 +313,19 @@ class _Progress:
                 self._status.start()
         return self._ask(f"Execute this change set on {plan.stack_name}?")
 
-    def confirm_destroy(self, info: StackInfo) -> bool:
-        return self._ask(f"Delete the stack {info.name} ({info.status}) with its queue, table, bucket and "
-                         "Lambda? Jobs and results stored there are lost.")
+    def confirm_destroy(self, plan: DestroyPlan) -> bool:
+        info = plan.info
+        lost = ""
+        if plan.queued_messages:
+            lost = f" {plan.queued_messages} messages still in its queue are lost (their jobs then end as lost)."
+        kept = " and ".join(f"the {k.kind} {k.name} ({k.counted})" for k in plan.kept)
+        keeps = f" It keeps {kept}." if kept else ""
+        return self._ask(f"Delete the stack {info.name} ({info.status}) with its queues, Lambda, alarms and "
+                         f"roles?{lost}{keeps}")
+
+    def confirm_delete_data(self, plan: DestroyPlan) -> bool:
+        stores = " and ".join(f"the {k.kind} {k.name} with {k.counted}" for k in plan.kept)
+        return self._ask(f"Also DELETE {stores}, for good? Jobs, their history and every result are lost.")
 
 
 def _plan_table(plan: DeployPlan, *, stderr: bool) -> None:

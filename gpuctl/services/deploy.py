@@ -28,7 +28,7 @@ from gpuctl.aws.cfn import (
     caller_account,
     explain_failure,
 )
-from gpuctl.errors import ConfigError, Conflict, NotFound, UsageError
+from gpuctl.errors import ConfigError, Conflict, GpuctlError, NotFound, UsageError
 
 if TYPE_CHECKING:
     from gpuctl.aws._session import AwsClients
@@ -39,7 +39,10 @@ __all__ = [
     "DeployPlan",
     "DeployResult",
     "DeploySources",
+    "DestroyPlan",
     "DestroyResult",
+    "Existing",
+    "KeptData",
     "LambdaBundle",
     "build_lambda_zip",
     "deploy",
@@ -60,6 +63,7 @@ OUTPUT_SETTINGS: dict[str, str] = {
     "InstanceId": "instance_id",
     "CdnDomain": "cdn_domain",
     "Region": "region",
+    "LogGroupName": "scheduler_log_group",
 }
 # Only CAPABILITY_IAM is needed today (generated IAM names); NAMED_IAM keeps a template that names its
 # roles deployable too. Both are acknowledgements, not permissions.
@@ -142,6 +146,108 @@ def build_lambda_zip(folder: Path) -> LambdaBundle:
             archive.writestr(info, path.read_bytes(), compresslevel=9)
     data = buffer.getvalue()
     return LambdaBundle(data, hashlib.sha256(data).hexdigest(), tuple(name for name, _ in files))
+
+
+# --- beside the running system: existing queue, dead-letter queue, table, bucket -----------------------
+
+@dataclass(frozen=True)
+class Existing:
+    """Resources of the running system the stack uses instead of creating them (None: keep the stack's choice,
+    for a new stack: create it)."""
+
+    queue_url: str | None = None
+    dlq_url: str | None = None
+    table: str | None = None
+    bucket: str | None = None
+
+    def parameters(self) -> dict[str, str | None]:
+        return {"ExistingQueueUrl": self.queue_url, "ExistingDeadLetterQueueUrl": self.dlq_url,
+                "ExistingTableName": self.table, "ExistingBucketName": self.bucket}
+
+
+def _queue_arn_parts(url: str) -> tuple[str, str]:
+    """(account, name) of a queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME, or an emulator's)."""
+    parts = url.rstrip("/").split("/")
+    if len(parts) < 5 or not parts[-2].isdigit():
+        raise UsageError(f"{url!r} is not an SQS queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME).")
+    return parts[-2], parts[-1]
+
+
+def check_existing(clients: AwsClients, existing: Existing, *, region: str, account: str) -> Existing:
+    """Check the running system's resources before the stack points at them; fill in the dead-letter queue.
+
+    The queue must exist in this region and account and have a redrive policy (without one a job that fails
+    every time keeps the GPU up until its message expires); its dead-letter queue is the one that policy
+    names (``dlq_url``, when given, must be that one). The table must exist and have the status index
+    (``status-created_at-index``: hash ``status``, range ``created_at``), which listing and the scheduler use.
+
+    Raises:
+        UsageError: one sentence saying what is missing and how to add it.
+    """
+    from gpuctl.aws.dynamo import JobTable
+    from gpuctl.aws.sqs import JobQueue
+
+    dlq_url = existing.dlq_url
+    if existing.queue_url:
+        queue = JobQueue(clients.sqs, existing.queue_url)
+        q_account, q_name = _queue_arn_parts(existing.queue_url)
+        try:
+            attrs = queue.attributes()
+        except NotFound:
+            raise UsageError(f"The queue {existing.queue_url} does not exist (in {region}); check the URL.") from None
+        arn = attrs.get("QueueArn", "")
+        if arn and (arn.split(":")[3], arn.split(":")[4]) != (region, account):
+            raise UsageError(f"The queue {existing.queue_url} is in {arn.split(':')[3]} (account "
+                             f"{arn.split(':')[4]}); deploy the stack in that region and account.")
+        if queue.max_receive_count() is None:
+            raise UsageError(
+                f"The queue {q_name} has no redrive policy: a job that fails every time would be retried until its "
+                "message expires, keeping the GPU up. Give it a dead-letter queue first, e.g. `aws sqs "
+                f"set-queue-attributes --queue-url {existing.queue_url} --attributes '{{\"RedrivePolicy\": "
+                f"\"{{\\\"deadLetterTargetArn\\\":\\\"arn:aws:sqs:{region}:{q_account}:{q_name}_dlq\\\","
+                "\\\"maxReceiveCount\\\":\\\"5\\\"}\"}'` (after `aws sqs create-queue --queue-name "
+                f"{q_name}_dlq`), then deploy again.")
+        target = queue.dlq_url()
+        if dlq_url and target and dlq_url.rstrip("/") != target.rstrip("/"):
+            raise UsageError(f"The queue {q_name} dead-letters to {target}, not to {dlq_url}: leave out "
+                             "--existing-dlq-url, or pass that queue.")
+        dlq_url = dlq_url or target
+    elif existing.dlq_url:
+        raise UsageError("--existing-dlq-url needs --existing-queue-url (the dead-letter queue of that queue).")
+    if existing.table:
+        table = JobTable(clients.dynamodb, existing.table)
+        try:
+            info = table.describe()
+        except NotFound:
+            raise UsageError(f"The table {existing.table} does not exist (in {region}); check the name.") from None
+        if not info.has_status_index():
+            raise UsageError(
+                f"The table {existing.table} has no status-created_at-index (hash key status, range key created_at, "
+                "all attributes projected): gpuctl lists jobs and the scheduler counts open jobs with it. Add it "
+                f"with `aws dynamodb update-table --table-name {existing.table} --attribute-definitions "
+                "AttributeName=status,AttributeType=S AttributeName=created_at,AttributeType=N "
+                "--global-secondary-index-updates '[{\"Create\": {\"IndexName\": \"status-created_at-index\", "
+                "\"KeySchema\": [{\"AttributeName\": \"status\", \"KeyType\": \"HASH\"}, {\"AttributeName\": "
+                "\"created_at\", \"KeyType\": \"RANGE\"}], \"Projection\": {\"ProjectionType\": \"ALL\"}}}]'`, "
+                "wait until it is ACTIVE, then deploy again.")
+    if existing.bucket:
+        _check_bucket(clients, existing.bucket, region)
+    return Existing(existing.queue_url, dlq_url, existing.table, existing.bucket)
+
+
+def _check_bucket(clients: AwsClients, bucket: str, region: str) -> None:
+    import botocore.exceptions
+
+    from gpuctl.aws._errors import error_code, translate
+
+    try:
+        clients.s3.head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError as exc:
+        if error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+            raise UsageError(f"The bucket {bucket} does not exist; check the name.") from None
+        raise translate(exc, f"the bucket {bucket}") from exc
+    except botocore.exceptions.BotoCoreError as exc:
+        raise translate(exc, f"the bucket {bucket}") from exc
 
 
 # --- deploy ----------------------------------------------------------------------------------------
@@ -270,6 +376,10 @@ def deploy(
     idle_minutes: int | None = None,
     enable_cdn: bool | None = None,
     max_receive_count: int | None = None,
+    existing_resources: Existing | None = None,
+    cdn_certificate_arn: str | None = None,
+    cdn_domain: str | None = None,
+    results_expire_days: int | None = None,
     dry_run: bool = False,
     review: Callable[[DeployPlan], bool] | None = None,
     on_event: Callable[[StackEvent], None] | None = None,
@@ -286,8 +396,12 @@ def deploy(
     template too large to send inline is, as CloudFormation must read it from S3): the change set is
     computed, returned and deleted, and a new stack's empty REVIEW_IN_PROGRESS shell is deleted too.
 
+    ``existing_resources`` names the running system's queue, table and bucket to use instead of creating them (checked
+    first, see :func:`check_existing`).
+
     Raises:
-        UsageError: a required value is missing or CloudFormation rejected a value.
+        UsageError: a required value is missing, an existing resource is missing or incomplete, or
+            CloudFormation rejected a value.
         NotFound: the GPU instance does not exist.
         Conflict: the stack is busy or in a state that cannot be updated.
         StackFailed: the stack ended in a failure or rollback (the first failed resource and why).
@@ -315,15 +429,23 @@ def deploy(
     template = _template_source(body, artifacts, name, settings, step)
     declared = {p.key: p.default for p in stacks.template_parameters(
         body=template.get("TemplateBody"), url=template.get("TemplateURL"))}
+    given = existing_resources or Existing()
+    if given != Existing():
+        given = check_existing(clients, given, region=region, account=account)
     overrides: dict[str, str | None] = {
         "InstanceId": instance_id or (settings.instance_id if creating else None),
         "IdleMinutes": None if idle_minutes is None else str(idle_minutes),
         "MaxReceiveCount": None if max_receive_count is None else str(max_receive_count),
         "EnableCdn": None if enable_cdn is None else str(enable_cdn).lower(),
+        "CdnCertificateArn": cdn_certificate_arn,
+        "CdnAliases": cdn_domain,
+        "ResultsExpireDays": None if results_expire_days is None else str(results_expire_days),
         "LambdaCodeBucket": artifacts.name,
         "LambdaCodeKey": bundle.key,
+        **given.parameters(),
     }
     effective = _effective_parameters(declared, current, overrides)
+    _check_cdn(effective)
     wanted = _explicit(effective, declared)
     if effective.get("InstanceId") and effective["InstanceId"] != current.get("InstanceId"):
         _check_instance(clients, effective["InstanceId"])
@@ -385,6 +507,19 @@ def deploy(
                         plan=plan, outputs=info.outputs, config_path=path, settings_written=values)
 
 
+def _check_cdn(values: Mapping[str, str]) -> None:
+    """The template's rules, said before CloudFormation says them less plainly."""
+    if values.get("EnableCdn") != "true":
+        return
+    if values.get("ExistingBucketName"):
+        raise UsageError("--enable-cdn needs a bucket the stack creates (its bucket policy would replace the "
+                         "existing bucket's); serve an existing bucket through its own CDN (set cdn_domain).")
+    if not values.get("CdnCertificateArn") or not values.get("CdnAliases"):
+        raise UsageError("--enable-cdn needs --cdn-certificate-arn and --cdn-domain: CloudFront's default "
+                         "certificate cannot enforce TLS 1.2, so the CDN serves your own domain with an ACM "
+                         "certificate from us-east-1.")
+
+
 def _template_source(body: str, artifacts: ArtifactBucket, stack_name: str, settings: Settings,
                      step: Step) -> dict[str, str]:
     """``TemplateBody`` when it fits, else the template uploaded to the artifacts bucket (``TemplateURL``)."""
@@ -437,17 +572,61 @@ def _no_changes(settings: Settings, info: StackInfo, base: Mapping[str, Any], *,
 # --- destroy, status, outputs ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class KeptData:
+    """A data store the stack created and keeps when it is deleted (DeletionPolicy Retain)."""
+
+    kind: str  # table | bucket
+    name: str
+    count: int | None  # items / objects, None when it could not be counted
+    exact: bool = True  # False: at least ``count``
+
+    @property
+    def counted(self) -> str:
+        noun = "items" if self.kind == "table" else "objects"
+        if self.count is None:
+            return f"an unknown number of {noun}"
+        return f"{'' if self.exact else 'at least '}{self.count} {noun[:-1] if self.count == 1 else noun}"
+
+    def how_to_remove(self) -> str:
+        if self.kind == "table":
+            return (f"aws dynamodb update-table --table-name {self.name} --no-deletion-protection-enabled && "
+                    f"aws dynamodb delete-table --table-name {self.name}")
+        return (f"empty s3://{self.name} of every object version (it is versioned), e.g. in the S3 console, then "
+                f"aws s3 rb s3://{self.name}")
+
+    def document(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "count": self.count, "count_exact": self.exact,
+                "how_to_remove": self.how_to_remove()}
+
+
+@dataclass(frozen=True)
+class DestroyPlan:
+    """What destroy is about to delete and keep, shown before it asks."""
+
+    info: StackInfo
+    kept: list[KeptData]
+    queued_messages: int | None  # messages in a queue the stack created (lost with it)
+    existing: dict[str, str]  # resources of the running system the stack only pointed at: untouched
+
+
+@dataclass(frozen=True)
 class DestroyResult:
     stack_name: str
     stack_id: str
     deleted: bool
     forgotten: list[str] = field(default_factory=list)
     config_path: Path | None = None
+    kept: list[KeptData] = field(default_factory=list)
+    data_deleted: list[KeptData] = field(default_factory=list)
+    untouched: dict[str, str] = field(default_factory=dict)
 
     def document(self) -> dict[str, Any]:
         return {"stack_name": self.stack_name, "stack_id": self.stack_id,
                 "status": "DELETE_COMPLETE" if self.deleted else "cancelled", "settings_removed": self.forgotten,
-                "config_file": str(self.config_path) if self.config_path else None}
+                "config_file": str(self.config_path) if self.config_path else None,
+                "kept": [k.document() for k in self.kept],
+                "data_deleted": [{"kind": k.kind, "name": k.name, "count": k.count} for k in self.data_deleted],
+                "untouched": dict(sorted(self.untouched.items()))}
 
 
 def _require_stack(stacks: Stacks, name: str, region: str | None) -> StackInfo:
@@ -458,13 +637,85 @@ def _require_stack(stacks: Stacks, name: str, region: str | None) -> StackInfo:
     return info
 
 
+def _destroy_plan(clients: AwsClients, info: StackInfo) -> DestroyPlan:
+    """What the stack keeps (the table and bucket it created, counted) and what it only pointed at."""
+    from gpuctl.aws.dynamo import JobTable
+    from gpuctl.aws.sqs import JobQueue
+
+    params, outputs = info.parameters, info.outputs
+    kept: list[KeptData] = []
+    existing = {k: v for k, v in (("queue", params.get("ExistingQueueUrl", "")),
+                                  ("dead-letter queue", params.get("ExistingDeadLetterQueueUrl", "")),
+                                  ("table", params.get("ExistingTableName", "")),
+                                  ("bucket", params.get("ExistingBucketName", ""))) if v}
+    table_name, bucket = outputs.get("TableName"), outputs.get("BucketName")
+    if table_name and "table" not in existing:
+        try:
+            count, exact = JobTable(clients.dynamodb, table_name).count_items()
+        except GpuctlError:
+            count, exact = None, False
+        kept.append(KeptData("table", table_name, count, exact))
+    if bucket and "bucket" not in existing:
+        kept.append(KeptData("bucket", bucket, *_count_objects(clients, bucket)))
+    queued: int | None = None
+    if outputs.get("QueueUrl") and "queue" not in existing:
+        try:
+            stats = JobQueue(clients.sqs, outputs["QueueUrl"]).stats(include_dlq=False)
+            queued = stats.visible + stats.in_flight + stats.delayed
+        except GpuctlError:
+            queued = None
+    return DestroyPlan(info, kept, queued, existing)
+
+
+def _count_objects(clients: AwsClients, bucket: str, *, max_pages: int = 10) -> tuple[int | None, bool]:
+    """Object versions in the bucket (and delete markers), up to ``max_pages`` pages of 1,000."""
+    import botocore.exceptions
+
+    kwargs: dict[str, Any] = {"Bucket": bucket}
+    total = 0
+    try:
+        for _ in range(max_pages):
+            page = clients.s3.list_object_versions(**kwargs)
+            total += len(page.get("Versions", [])) + len(page.get("DeleteMarkers", []))
+            if not page.get("IsTruncated"):
+                return total, True
+            kwargs.update(KeyMarker=page.get("NextKeyMarker"), VersionIdMarker=page.get("NextVersionIdMarker"))
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+        return None, False
+    return total, False
+
+
+def _empty_and_delete_bucket(clients: AwsClients, bucket: str) -> None:
+    """Delete every object version and delete marker, 1,000 a request, then the bucket."""
+    import botocore.exceptions
+
+    from gpuctl.aws._errors import translate
+
+    try:
+        paginator = clients.s3.get_paginator("list_object_versions")
+        for page in paginator.paginate(Bucket=bucket):
+            keys = [{"Key": v["Key"], "VersionId": v["VersionId"]}
+                    for v in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]]
+            for start in range(0, len(keys), 1000):
+                clients.s3.delete_objects(Bucket=bucket, Delete={"Objects": keys[start:start + 1000],  # type: ignore[typeddict-item]
+                                                                 "Quiet": True})
+        clients.s3.delete_bucket(Bucket=bucket)
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+        raise translate(exc, f"the bucket {bucket}") from exc
+
+
 def destroy(clients: AwsClients, settings: Settings, *, stack_name: str | None = None,
-            confirm: Callable[[StackInfo], bool] | None = None, timeout: float = 3600.0,
+            confirm: Callable[[DestroyPlan], bool] | None = None, delete_data: bool = False,
+            confirm_data: Callable[[DestroyPlan], bool] | None = None, timeout: float = 3600.0,
             poll_delay: float = 5.0) -> DestroyResult:
     """Delete the stack and wait until it is gone; then drop the settings deploy recorded from it.
 
-    ``confirm`` sees the stack before anything is deleted and may decline. Only profile values still equal
-    to the stack's outputs are removed; region, endpoint and the instance id (not part of the stack) stay.
+    The table and the bucket the stack created are kept (DeletionPolicy Retain; the table's deletion protection
+    stays on) and reported in ``kept`` with how to remove them. With ``delete_data`` they are deleted too, once
+    ``confirm_data`` (which sees their names and counts) agreed. Resources of the running system that the stack
+    only pointed at (``--existing-...``) are never touched. ``confirm`` sees the plan before anything is deleted
+    and may decline. Only profile values still equal to the stack's outputs are removed; region, endpoint and the
+    instance id (not part of the stack) stay.
 
     Raises:
         NotFound: there is no such stack.
@@ -472,6 +723,7 @@ def destroy(clients: AwsClients, settings: Settings, *, stack_name: str | None =
         StackFailed: deletion failed (the first failed resource and why).
         WaitTimeout: it was still deleting after ``timeout`` seconds.
     """
+    from gpuctl.aws.dynamo import JobTable
     from gpuctl.settings import read_profile, write_profile
 
     name = stack_name or settings.stack_name
@@ -479,11 +731,24 @@ def destroy(clients: AwsClients, settings: Settings, *, stack_name: str | None =
     info = _require_stack(stacks, name, settings.region)
     if info.status.endswith("_IN_PROGRESS") and info.status not in ("REVIEW_IN_PROGRESS", "DELETE_IN_PROGRESS"):
         raise Conflict(f"The stack {name} is busy ({info.status}); wait for it to finish and try again.")
-    if confirm is not None and not confirm(info):
+    plan = _destroy_plan(clients, info)
+    if confirm is not None and not confirm(plan):
+        return DestroyResult(name, info.stack_id, deleted=False)
+    remove_data = delete_data and bool(plan.kept) and (confirm_data is None or confirm_data(plan))
+    if delete_data and plan.kept and not remove_data:
         return DestroyResult(name, info.stack_id, deleted=False)
     stacks.delete_stack(name)
     stacks.wait_deleted(name, timeout=timeout, delay=max(1, round(poll_delay)))
     log.info("deploy.destroyed", extra={"stack": name, "stack_id": info.stack_id})
+    deleted: list[KeptData] = []
+    if remove_data:
+        for data in plan.kept:
+            if data.kind == "table":
+                JobTable(clients.dynamodb, data.name).delete_table(timeout=timeout)
+            else:
+                _empty_and_delete_bucket(clients, data.name)
+            deleted.append(data)
+            log.info("deploy.data_deleted", extra={"kind": data.kind, "name": data.name})
     profile = read_profile(settings.profile, settings.config_dir)
     recorded = {setting: info.outputs[output] for output, setting in OUTPUT_SETTINGS.items()
                 if output in info.outputs and setting not in ("region", "instance_id")}
@@ -491,7 +756,9 @@ def destroy(clients: AwsClients, settings: Settings, *, stack_name: str | None =
     path = None
     if forget:
         path = write_profile(settings.profile, dict.fromkeys(forget), settings.config_dir)
-    return DestroyResult(name, info.stack_id, deleted=True, forgotten=forget, config_path=path)
+    kept = [k for k in plan.kept if k not in deleted]
+    return DestroyResult(name, info.stack_id, deleted=True, forgotten=forget, config_path=path, kept=kept,
+                         data_deleted=deleted, untouched=plan.existing)
 
 
 def stack_status(clients: AwsClients, settings: Settings, *, stack_name: str | None = None) -> StackInfo:

@@ -85,7 +85,7 @@ def test_deploy_update_noop_destroy(fresh: tuple[str, str], clean_env: Path,
     assert profile == {
         "stack_name": STACK, "queue_url": outputs["QueueUrl"], "dlq_url": outputs["DeadLetterQueueUrl"],
         "table_name": outputs["TableName"], "bucket": outputs["BucketName"], "instance_id": instance_id,
-        "region": REGION, "endpoint_url": endpoint,
+        "region": REGION, "endpoint_url": endpoint, "scheduler_log_group": outputs["LogGroupName"],
     }
     assert "cdn_domain" not in profile
 
@@ -132,10 +132,15 @@ def test_deploy_update_noop_destroy(fresh: tuple[str, str], clean_env: Path,
 
     # WHEN it is destroyed
     destroyed = _json(run_cli(["--output", "json", "destroy", "--yes"], {}))
-    # THEN the stack and its resources are gone and the profile no longer points at them
+    # THEN the stack and its queues are gone, the table and bucket are kept and said so, and the profile no
+    # longer points at them
     assert destroyed["status"] == "DELETE_COMPLETE"
     assert _stack_missing(endpoint)
-    assert _client(endpoint, "dynamodb").list_tables()["TableNames"] == []
+    assert [(k["kind"], k["name"], k["count"]) for k in destroyed["kept"]] == [
+        ("table", outputs["TableName"], 0), ("bucket", outputs["BucketName"], 0)]
+    assert "delete-table --table-name task_store" in destroyed["kept"][0]["how_to_remove"]
+    assert _client(endpoint, "dynamodb").list_tables()["TableNames"] == [outputs["TableName"]]
+    _client(endpoint, "s3").head_bucket(Bucket=outputs["BucketName"])
     assert not _client(endpoint, "sqs").list_queues().get("QueueUrls")
     profile = _profile(clean_env)
     assert "queue_url" not in profile and "table_name" not in profile
