@@ -99,11 +99,12 @@ def root(
 
 
 def _register() -> None:
-    from gpuctl.cli import adapter, config, deploy, hold, instance, jobs, local, queue, submit
+    from gpuctl.cli import adapter, config, decisions, deploy, hold, instance, jobs, local, queue, submit
 
     app.add_typer(submit.app, name="submit")
     jobs.register(app)
     hold.register(instance.app)
+    decisions.register(instance.app)
     app.add_typer(instance.app, name="instance")
     app.add_typer(queue.app, name="queue")
     deploy.register(app)

@@ -9,12 +9,15 @@ configuration (what CloudFormation set: queue, table, instance, idle minutes), a
 
     python -m gpuctl.local.scheduler --endpoint-url http://127.0.0.1:PORT --function-name gpuctl-gpu-scheduler
 
-Logs one JSON object per line on stderr; ``local_scheduler.ready`` after the first successful tick.
+Logs one JSON object per line on stderr; ``local_scheduler.ready`` after the first successful tick. Each decision
+that acts or differs from the previous one is also written, as the Lambda's own record, to the function's log
+group in the emulator (``/aws/lambda/<function>``), where ``gpuctl instance decisions`` reads it as on AWS.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import signal
@@ -61,6 +64,38 @@ def _function_env(endpoint_url: str, region: str, function_name: str) -> dict[st
     return {str(k): str(v) for k, v in variables.items()}
 
 
+class _DecisionShipper:
+    """Writes decision records to the function's log group, as the Lambda runtime does on AWS."""
+
+    def __init__(self, endpoint_url: str, region: str, function_name: str) -> None:
+        import os
+        import time
+
+        import boto3
+
+        self._client = boto3.session.Session(region_name=region).client("logs", endpoint_url=endpoint_url)
+        self.group = f"/aws/lambda/{function_name}"
+        self.stream = f"local/{time.strftime('%Y/%m/%d', time.gmtime())}/{os.getpid()}"
+        self._ready = False
+
+    def ship(self, record: dict[str, Any]) -> None:
+        import json
+        import time
+
+        import botocore.exceptions
+
+        try:
+            if not self._ready:
+                with contextlib.suppress(self._client.exceptions.ResourceAlreadyExistsException):
+                    self._client.create_log_group(logGroupName=self.group)  # the stack made it; else make it
+                self._client.create_log_stream(logGroupName=self.group, logStreamName=self.stream)
+                self._ready = True
+            self._client.put_log_events(logGroupName=self.group, logStreamName=self.stream, logEvents=[
+                {"timestamp": int(time.time() * 1000), "message": json.dumps(record, sort_keys=True, default=str)}])
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            log.warning("local_scheduler.log_failed", extra={"group": self.group, "error": str(exc)})
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gpuctl.local.scheduler",
                                 description="Call the scheduler Lambda's handler every few seconds (local mode).")
@@ -103,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("local_scheduler.config_error", extra={"function": args.function_name, "error": str(exc)})
         return 2
     clients = handler.make_clients(config.region, config.endpoint_url)
+    shipper = _DecisionShipper(args.endpoint_url, args.region, args.function_name)
     log.info("local_scheduler.started", extra={"function": args.function_name, "interval_s": args.interval,
                                                "instance_id": config.instance_id})
     ready = False
@@ -119,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 last = decision
                 log.info("local_scheduler.decision", extra={k: record.get(k) for k in
                                                             ("action", "code", "reason", "outcome")})
+                shipper.ship(record)
             if not ready:
                 ready = True
                 log.info(READY_EVENT)
