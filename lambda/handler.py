@@ -57,7 +57,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -366,30 +366,49 @@ class _OpenJobs:
     complete: bool  # every matching item was read (no cap, no page limit hit)
 
 
-def _type_filter(config: SchedulerConfig) -> tuple[str, dict[str, Any], dict[str, str]]:
-    values = {f":t{i}": {"S": t} for i, t in enumerate(sorted(config.job_types))}
-    # Also match the running system's spelling with a trailing slash.
-    values.update({f":u{i}": {"S": t + "/"} for i, t in enumerate(sorted(config.job_types))})
-    return f"#jt IN ({', '.join(values)})", values, {"#jt": "job_type"}
-
-
-def _open_jobs(ddb: DynamoDBClient, config: SchedulerConfig, status: str) -> _OpenJobs:
-    """Pending or processing GPU jobs, oldest first (the GSI range key), other services' jobs filtered out."""
-    expression, values, names = _type_filter(config)
+def _gpu_query(config: SchedulerConfig, status: str, projection: str, *, newest_first: bool,
+               limit: int | None = None) -> dict[str, Any]:
+    """A status-index query for one status, GPU job types only (other services' rows filtered out)."""
+    types = sorted(config.job_types)
+    # The running system's spelling with a trailing slash counts too.
+    values = {f":t{i}": {"S": t} for i, t in enumerate([*types, *(t + "/" for t in types)])}
     query: dict[str, Any] = {
         "TableName": config.table_name, "IndexName": config.status_index,
-        "KeyConditionExpression": "#s = :s", "FilterExpression": expression,
-        "ExpressionAttributeNames": {"#s": "status", **names},
+        "KeyConditionExpression": "#s = :s", "FilterExpression": f"#jt IN ({', '.join(values)})",
+        "ExpressionAttributeNames": {"#s": "status", "#jt": "job_type"},
         "ExpressionAttributeValues": {":s": {"S": status}, **values},
-        "ProjectionExpression": "task_id, created_at, updated_at, heartbeat_at",
-        "ScanIndexForward": True,
+        "ProjectionExpression": projection, "ScanIndexForward": not newest_first,
     }
-    jobs: list[OpenJob] = []
+    if limit is not None:
+        query["Limit"] = limit
+    return query
+
+
+def _index_pages(ddb: DynamoDBClient, query: dict[str, Any], status: str) -> Iterator[tuple[list[Any], bool]]:
+    """At most MAX_PAGES pages of the query: (items, whether more remain).
+
+    Raises:
+        _Missing: a page came back without Items.
+    """
     for _ in range(MAX_PAGES):
         page = ddb.query(**query)
         items = page.get("Items")
         if items is None:
             raise _Missing(f"the {status} query answered without Items")
+        start = page.get("LastEvaluatedKey")
+        yield list(items), bool(start)
+        if not start:
+            return
+        query["ExclusiveStartKey"] = start
+
+
+def _open_jobs(ddb: DynamoDBClient, config: SchedulerConfig, status: str) -> _OpenJobs:
+    """Pending or processing GPU jobs, oldest first (the GSI range key), other services' jobs filtered out."""
+    query = _gpu_query(config, status, "task_id, created_at, updated_at, heartbeat_at", newest_first=False)
+    jobs: list[OpenJob] = []
+    more = False
+    for items, remaining in _index_pages(ddb, query, status):
+        more = remaining
         for item in items:
             task_id = item.get("task_id", {}).get("S")
             if not task_id:
@@ -397,15 +416,11 @@ def _open_jobs(ddb: DynamoDBClient, config: SchedulerConfig, status: str) -> _Op
             jobs.append(OpenJob(task_id, status,  # type: ignore[arg-type]
                                 _lenient_number(item, "created_at"), _lenient_number(item, "updated_at"),
                                 _lenient_number(item, "heartbeat_at")))
-        start = page.get("LastEvaluatedKey")
         if len(jobs) >= COUNT_LIMIT:
             return _OpenJobs(len(jobs), jobs[:COUNT_LIMIT], complete=False)
-        if not start:
-            return _OpenJobs(len(jobs), jobs, complete=True)
-        query["ExclusiveStartKey"] = start
-    if not jobs:
+    if more and not jobs:
         raise _Missing(f"no {status} GPU job in the first {MAX_PAGES} pages, and more remain")
-    return _OpenJobs(len(jobs), jobs, complete=False)
+    return _OpenJobs(len(jobs), jobs, complete=not more)
 
 
 def _sampled_finish(ddb: DynamoDBClient, config: SchedulerConfig) -> float | None:
@@ -416,31 +431,23 @@ def _sampled_finish(ddb: DynamoDBClient, config: SchedulerConfig) -> float | Non
     finished later, but only within the same gap between two scheduler runs (a job that was open while the
     scheduler ran was seen, see ``scheduler_work_ended_at``), so one schedule period is added to it.
     """
-    expression, values, names = _type_filter(config)
     latest: float | None = None
     for status in ("completed", "failed"):
-        query: dict[str, Any] = {
-            "TableName": config.table_name, "IndexName": config.status_index, "KeyConditionExpression": "#s = :s",
-            "FilterExpression": expression, "ExpressionAttributeNames": {"#s": "status", **names},
-            "ExpressionAttributeValues": {":s": {"S": status}, **values}, "ScanIndexForward": False,
-            "ProjectionExpression": "created_at, updated_at, finished_at",
-        }
+        # Small pages: the newest few are wanted, not a megabyte of history per page.
+        query = _gpu_query(config, status, "created_at, updated_at, finished_at", newest_first=True,
+                           limit=FINISHED_SAMPLE * 5)
         finishes: list[float] = []
-        for _ in range(MAX_PAGES):
-            resp = ddb.query(**query)
-            items = resp.get("Items")
-            if items is None:
-                raise _Missing(f"the {status} query answered without Items")
+        more = False
+        for items, remaining in _index_pages(ddb, query, status):
+            more = remaining
             for item in items:
                 times = [t for t in (_lenient_number(item, n) for n in ("finished_at", "updated_at", "created_at"))
                          if t is not None]
                 if times:
                     finishes.append(max(times))
-            start = resp.get("LastEvaluatedKey")
-            if len(finishes) >= FINISHED_SAMPLE or not start:
+            if len(finishes) >= FINISHED_SAMPLE:
                 break
-            query["ExclusiveStartKey"] = start
-        complete = len(finishes) < FINISHED_SAMPLE and not resp.get("LastEvaluatedKey")
+        complete = len(finishes) < FINISHED_SAMPLE and not more
         finishes = sorted(finishes, reverse=True)[:FINISHED_SAMPLE]
         if finishes:
             bound = finishes[0] + (0.0 if complete else config.schedule_minutes * 60.0)

@@ -108,6 +108,28 @@ def create_resources(session: Any, endpoint_url: str | None = None, *, visibilit
     return Resources(queue_url, dlq_url, TABLE, BUCKET, instance_id, endpoint_url)
 
 
+def deploy_fresh_stack(endpoint_url: str) -> tuple[Any, Any, Any]:
+    """Reset moto's server, launch a GPU instance and deploy the stack with gpuctl's own deploy service.
+
+    Returns (settings, clients, the DeployResult).
+    """
+    import boto3
+    import httpx
+
+    from gpuctl.services.context import Gateways
+    from gpuctl.services.deploy import deploy
+    from gpuctl.settings import Settings
+
+    httpx.post(f"{endpoint_url}/moto-api/reset", timeout=10).raise_for_status()
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint_url, aws_access_key_id="testing",
+                       aws_secret_access_key="testing")
+    instance_id = ec2.run_instances(ImageId="ami-12c6146b", InstanceType="g5.xlarge", MinCount=1,
+                                    MaxCount=1)["Instances"][0]["InstanceId"]
+    settings = Settings(region=REGION, endpoint_url=endpoint_url)
+    clients = Gateways(settings).clients
+    return settings, clients, deploy(clients, settings, instance_id=instance_id, poll_delay=0.2)
+
+
 def run_cli(args: list[str], env: dict[str, str], *, input: str | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``python -m gpuctl ARGS`` in a subprocess exactly as a user would."""

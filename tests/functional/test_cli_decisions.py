@@ -19,7 +19,7 @@ import boto3
 import pytest
 
 import handler
-from tests.helpers import REGION, Resources, run_cli
+from tests.helpers import REGION, Resources, deploy_fresh_stack, run_cli
 
 pytestmark = [pytest.mark.server, pytest.mark.filterwarnings("ignore:Tried to parse AWS:UserWarning")]
 
@@ -85,20 +85,9 @@ def test_no_log_group_says_how_to_set_one(server_aws: Resources) -> None:
 def test_local_scheduler_writes_decisions_where_the_cli_reads_them(moto_server: str, tmp_path: Path,
                                                                    clean_env: Path) -> None:
     """Local mode: the scheduler loop (a real process) logs its records to the emulator's log group."""
-    import httpx
-
-    from gpuctl.services.context import Gateways
-    from gpuctl.services.deploy import deploy
-    from gpuctl.settings import Settings
-
     # GIVEN the stack deployed into the emulator (gpuctl deploy's own service), its profile recorded
-    httpx.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
-    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_server, aws_access_key_id="testing",
-                       aws_secret_access_key="testing")
-    instance_id = ec2.run_instances(ImageId="ami-12c6146b", InstanceType="g5.xlarge", MinCount=1,
-                                    MaxCount=1)["Instances"][0]["InstanceId"]
-    settings = Settings(region=REGION, endpoint_url=moto_server)
-    result = deploy(Gateways(settings).clients, settings, instance_id=instance_id, poll_delay=0.2)
+    _settings, _clients, result = deploy_fresh_stack(moto_server)
+    instance_id = result.outputs["InstanceId"]
     assert result.settings_written["scheduler_log_group"] == GROUP
     # WHEN the local scheduler loop runs a few ticks
     proc = subprocess.Popen([sys.executable, "-m", "gpuctl.local.scheduler", "--endpoint-url", moto_server,

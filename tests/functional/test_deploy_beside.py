@@ -20,7 +20,7 @@ import pytest
 
 from gpuctl.local.comfyui_standin import StandinConfig, StandinServer
 from tests.functional.test_adapter import AdapterProcess
-from tests.helpers import REGION, Resources, make_image, run_cli
+from tests.helpers import REGION, Resources, deploy_fresh_stack, make_image, run_cli
 
 pytestmark = [pytest.mark.server, pytest.mark.filterwarnings("ignore:Tried to parse AWS:UserWarning")]
 
@@ -147,20 +147,8 @@ def test_unusable_existing_resources_are_refused_plainly(server_aws: Resources, 
 @pytest.fixture
 def own_stack(moto_server: str, clean_env: Path) -> tuple[Any, Any, dict[str, str]]:
     """A stack that created its own queue, table and bucket (an emptied emulator), with three jobs and a result."""
-    import httpx
-
-    from gpuctl.services.context import Gateways
-    from gpuctl.services.deploy import deploy
-    from gpuctl.settings import Settings
-
-    httpx.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
-    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_server, aws_access_key_id="testing",
-                       aws_secret_access_key="testing")
-    instance_id = ec2.run_instances(ImageId="ami-12c6146b", InstanceType="g5.xlarge", MinCount=1,
-                                    MaxCount=1)["Instances"][0]["InstanceId"]
-    settings = Settings(region=REGION, endpoint_url=moto_server)
-    clients = Gateways(settings).clients
-    outputs = deploy(clients, settings, instance_id=instance_id, poll_delay=0.2).outputs
+    settings, clients, result = deploy_fresh_stack(moto_server)
+    outputs = result.outputs
     for i in range(3):
         clients.dynamodb.put_item(TableName=outputs["TableName"], Item={"task_id": {"S": f"job-{i}"}})
     clients.s3.put_object(Bucket=outputs["BucketName"], Key="results/camera-angle/job-0.png", Body=b"png")
