@@ -169,6 +169,8 @@ class SchedulerConfig:
         if missing:
             raise ValueError(f"missing required environment variable(s): {', '.join(missing)}")
         lost = env.get("LOST_AFTER_MINUTES")
+        if lost and _non_negative(env, "LOST_AFTER_MINUTES", 0.0) < 1:
+            raise ValueError(f"LOST_AFTER_MINUTES must be at least 1 (a job is never lost that fast), got {lost!r}")
         return cls(
             queue_url=env["QUEUE_URL"],
             table_name=env["TABLE_NAME"],

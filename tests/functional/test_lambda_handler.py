@@ -303,6 +303,9 @@ def test_bad_idle_minutes_is_a_clear_error() -> None:
         handler.SchedulerConfig.from_env({**base, "IDLE_MINUTES": "soon"})
     with pytest.raises(ValueError, match="IDLE_MINUTES"):
         handler.SchedulerConfig.from_env({**base, "IDLE_MINUTES": "-1"})
+    with pytest.raises(ValueError, match="LOST_AFTER_MINUTES must be at least 1"):
+        handler.SchedulerConfig.from_env({**base, "LOST_AFTER_MINUTES": "0"})
+    assert handler.SchedulerConfig.from_env({**base, "IDLE_MINUTES": "45"}).policy.lost_after_seconds == 2700
 
 
 def _stubbed_clients(ec2_client: Any) -> Any:
