@@ -558,13 +558,22 @@ def run_states(count: int, seed: int, *, region: str = "us-east-1", env_override
     """
     import logging
 
+    # Each run logs its full record (an ERROR for an injected fault): thousands of them are noise here.
+    scheduler_log = logging.getLogger("gpuctl.scheduler")
+    was_disabled, scheduler_log.disabled = scheduler_log.disabled, True
+    try:
+        return _run(count, seed, region, env_override, on_problem)
+    finally:
+        scheduler_log.disabled = was_disabled
+
+
+def _run(count: int, seed: int, region: str, env_override: dict[str, str] | None,
+         on_problem: Callable[[int, World, list[str], dict[str, Any]], bool | None] | None) -> dict[str, Any]:
     import boto3
     from moto import mock_aws
 
     import handler
 
-    # Each run logs its full record (an ERROR for an injected fault): thousands of them are noise here.
-    logging.getLogger("gpuctl.scheduler").disabled = True
     rng = random.Random(seed)
     base_now = time.time() + 30 * 86400  # moto's LaunchTime is the real clock: keep it out of the idle window
     tally: dict[str, Any] = {"states": 0, "stops": 0, "starts": 0, "reaped": 0, "faults": 0, "violations": 0,
