@@ -360,10 +360,34 @@ class _Resolver:
                 return self._get_att(str(arg[0]), str(arg[1]))
             if key == "Fn::Sub":
                 return self._sub(arg)
+            if key == "Fn::If":  # the template's Existing* parameters choose between created and given resources
+                return self.resolve(arg[1] if self._condition(str(arg[0])) else arg[2])
+            if key == "Fn::Select":
+                return self.resolve(arg[1])[int(self.resolve(arg[0]))]
+            if key == "Fn::Split":
+                return str(self.resolve(arg[1])).split(str(arg[0]))
             if key.startswith("Fn::"):
                 raise GpuctlError(f"Local mode cannot resolve {key} in the template; extend "
                                   "gpuctl/services/local.py (_Resolver).")
         return {k: self.resolve(v) for k, v in value.items()}
+
+    def _condition(self, name: str) -> bool:
+        return self._truth(self._template.get("Conditions", {})[name])
+
+    def _truth(self, expression: Any) -> bool:
+        (key, arg), = expression.items()
+        if key == "Condition":
+            return self._condition(str(arg))
+        if key == "Fn::Equals":
+            return str(self.resolve(arg[0])) == str(self.resolve(arg[1]))
+        if key == "Fn::Not":
+            return not self._truth(arg[0])
+        if key == "Fn::And":
+            return all(self._truth(a) for a in arg)
+        if key == "Fn::Or":
+            return any(self._truth(a) for a in arg)
+        raise GpuctlError(f"Local mode cannot evaluate {key} in a template condition; extend "
+                          "gpuctl/services/local.py (_Resolver._truth).")
 
     def _ref(self, name: str) -> str:
         if name not in self._refs:

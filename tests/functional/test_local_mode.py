@@ -42,7 +42,8 @@ def test_up_status_job_end_to_end_then_down(state_dir: Path, clean_env: Path, tm
     # GIVEN local mode brought up from nothing
     result = local.local_up(options=local.LocalOptions(seconds_per_job=0.5))
     assert result.action == "started"
-    assert sorted(result.filled) == ["alarm gpuctl-gpu-queue-idle", "ttl task_store.expires_at"]
+    assert sorted(result.filled) == ["alarm gpuctl-gpu-queue-idle", "alarm gpuctl-gpu-scheduler-errors",
+                                     "ttl task_store.expires_at"]
     endpoint = result.status.endpoint_url
     assert endpoint is not None and endpoint.startswith("http://127.0.0.1:")
     profile = (clean_env / "local.toml").read_text()
