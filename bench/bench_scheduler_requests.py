@@ -3,10 +3,12 @@
 Run:  .venv/bin/python bench/bench_scheduler_requests.py
 
 In-process moto. For tables holding 0, 1,000 and 10,000 finished GPU jobs (plus 2,000 tasks of another
-service), the first run of the real handler on the idle running instance is counted with a botocore hook: requests by operation, and the
-items the status-index queries evaluated (ScannedCount). "marker" = a gpuctl adapter keeps the activity
-marker (that run stops the instance: fence, StopInstances, tags); "fallback" = no marker (the running system's
-adapter: the run starts watching and keeps the instance). Prints a Markdown table for BENCHMARKS.md.
+service), the first run of the real handler on the idle running instance is counted with a botocore hook:
+requests by operation, and the items the status-index queries evaluated (ScannedCount).
+
+"marker": a gpuctl adapter keeps the activity marker (that run stops the instance: fence, StopInstances,
+tags). "fallback": no marker (the running system's adapter: the run starts watching and keeps the instance).
+Prints a Markdown table for BENCHMARKS.md.
 """
 
 from __future__ import annotations
