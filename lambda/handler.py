@@ -710,7 +710,7 @@ def _act(config: SchedulerConfig, clients: Clients, decision: Decision, gathered
         verb, call = "started", clients.ec2.start_instances
         tags = {STARTED_REASON_TAG: decision.reason, STARTED_AT_TAG: _iso(now), STARTED_BY_TAG: ACTOR}
     try:
-        call(InstanceIds=ids)
+        answer = call(InstanceIds=ids)
     except ClientError as exc:
         if _code(exc) == "IncorrectInstanceState":  # the state moved since we looked: the next run re-decides
             return f"skipped: the instance changed state ({_code(exc)})"
@@ -719,6 +719,17 @@ def _act(config: SchedulerConfig, clients: Clients, decision: Decision, gathered
     except BotoCoreError as exc:
         run.fail(f"{decision.action} instance", exc)
         return f"failed: {_code(exc)}"
+    # Only an answer that names the instance in its new state says the change happened.
+    key, states = (("StoppingInstances", {"stopping", "stopped"}) if decision.action == "stop"
+                   else ("StartingInstances", {"pending", "running"}))
+    changes = answer.get(key) if isinstance(answer, Mapping) else None
+    confirmed = any(c.get("InstanceId") == config.instance_id and c.get("CurrentState", {}).get("Name") in states
+                    for c in changes or [])
+    if not confirmed:
+        what = f"{decision.action.capitalize()}Instances answered without the instance's new state"
+        run.unknown.append(f"{decision.action} instance")
+        run.errors.append({"fact": f"{decision.action} instance", "code": "IncompleteAnswer", "message": what})
+        return f"unconfirmed: {what}"
     try:
         clients.ec2.create_tags(Resources=ids, Tags=[{"Key": k, "Value": _tag_value(v)} for k, v in tags.items()])
     except (ClientError, BotoCoreError) as exc:

@@ -236,3 +236,19 @@ def test_the_fallback_without_a_gpuctl_adapter_watches_a_whole_window_first(worl
     assert (first["code"], first["activity_source"]) == ("recent_activity", "observed")
     stopped_at, _ = run_every_period(config, clients, T0 + PERIOD, T0 + 3 * 3600)
     assert stopped_at is not None and T0 + IDLE + SKEW <= stopped_at <= T0 + IDLE + SKEW + PERIOD
+
+
+def test_a_stop_answer_without_the_new_state_is_not_recorded_as_a_stop(world: Any) -> None:
+    """StopInstances succeeding without naming the instance's new state is "unconfirmed", not "stopped"
+    (found by the 20,000-state run)."""
+    res, config, clients = world
+    marker(res, adapter_seen_at=T0 - 7200, adapter_state="running")
+
+    def empty(**_: Any) -> Any:
+        return AWSResponse("https://fault.invalid", 200, {}, None), {"ResponseMetadata": {"HTTPStatusCode": 200}}
+
+    clients.ec2.meta.events.register("before-call.ec2.StopInstances", empty)
+    record = handler.run_once(config, clients, now=T0)
+    assert record["outcome"] == "unconfirmed: StopInstances answered without the instance's new state"
+    assert record["errors"][0]["code"] == "IncompleteAnswer"
+    assert instance_state(res) == "running"
