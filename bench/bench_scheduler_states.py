@@ -6,7 +6,7 @@ Each world is built in in-process moto (tests/scheduler_world.py), about half of
 on a fact the handler reads or a write it makes, and checked against the invariants (no stop with work
 present, inside the idle window, during a hold or a malformed hold, or with a fact hidden by a fault; every
 waiting message starts a stopped instance; only lost GPU jobs are failed; outcomes as they happened). CI runs
-the same check on 200 states (tests/functional/test_lambda_generated.py). Prints a Markdown table for
+the same check on 120 states (tests/functional/test_lambda_generated.py). Prints a Markdown table for
 BENCHMARKS.md and exits 1 if any state broke an invariant.
 """
 

@@ -1,7 +1,7 @@
 """Generated world states through the real handler against moto, with a fault injected on every kind of fact
 it reads and every write it makes (tests/scheduler_world.py has the generator and the invariants).
 
-CI runs GPUCTL_GENERATED_STATES states (default 200, about 20 s); the full 20,000-state run is
+CI runs GPUCTL_GENERATED_STATES states (default 120, about 15 s on a quiet machine); the full 20,000-state run is
 ``python bench/bench_scheduler_states.py`` (results in BENCHMARKS.md).
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 from tests import scheduler_world
 
-STATES = int(os.environ.get("GPUCTL_GENERATED_STATES", "200"))
+STATES = int(os.environ.get("GPUCTL_GENERATED_STATES", "120"))
 SEED = int(os.environ.get("GPUCTL_GENERATED_SEED", "20260"))
 
 
