@@ -18,6 +18,7 @@ import httpx
 import stamina
 
 from adapter.errors import PermanentJobError, TransientJobError, is_transient_http
+from gpuctl.errors import AwsError
 from gpuctl.inputs import (
     HEADER_BYTES,
     ImageLimits,
@@ -65,7 +66,15 @@ def fetch_input(url: str, *, store: ObjectStore, http: httpx.Client, max_bytes: 
         from gpuctl.aws.s3 import parse_s3_uri
 
         bucket, key = parse_s3_uri(url)
-        return store.get_bytes(bucket, key, max_bytes=max_bytes)
+        try:
+            return store.get_bytes(bucket, key, max_bytes=max_bytes)
+        except AwsError as exc:
+            # The instance role may list only the job prefixes, so S3 answers a missing key elsewhere with
+            # 403 rather than 404; either way another try cannot succeed.
+            if exc.code in {"AccessDenied", "403", "AllAccessDisabled"}:
+                raise PermanentJobError(f"input {url} does not exist or the instance role may not read it "
+                                        f"({exc.code})") from None
+            raise
     return _fetch_https(url, http=http, max_bytes=max_bytes, resolve=resolve)
 
 

@@ -386,3 +386,21 @@ def test_input_header_check_reads_only_the_header_and_applies_the_pixel_limit(tm
         check_input_header("https://example.org/bomb.png", store=None, http=http, limits=limits,  # type: ignore[arg-type]
                            resolve=_public)
     assert ranges == ["bytes=0-65535"]
+
+
+def test_an_input_the_role_may_not_read_fails_the_job_at_once():
+    """S3 answers a missing key outside the listable prefixes with 403: that is permanent, not retried."""
+    import boto3
+    import httpx
+    from botocore.stub import Stubber
+
+    from adapter.inputs import fetch_input
+    from gpuctl.aws.s3 import ObjectStore
+
+    # GIVEN an S3 client that answers AccessDenied (moto cannot: botocore's Stubber plays S3)
+    client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    stubber = Stubber(client)
+    stubber.add_client_error("get_object", service_error_code="AccessDenied", http_status_code=403)
+    # WHEN the adapter fetches the input / THEN the job fails permanently with the reason
+    with stubber, httpx.Client() as http, pytest.raises(PermanentJobError, match="does not exist or the instance"):
+        fetch_input("s3://bucket/inputs/missing.png", store=ObjectStore(client), http=http, max_bytes=1 << 20)
