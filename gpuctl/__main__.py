@@ -1,4 +1,12 @@
-"""Entry point and the one error boundary: GpuctlError → ``Error: <sentence>`` on stderr + its exit code."""
+"""Entry point and the one error boundary: every exit code of every command is decided here.
+
+* ``GpuctlError`` → ``Error: <sentence>`` on stderr and its ``exit_code`` (gpuctl/errors.py lists them).
+* Click/Typer usage errors (an unknown option, a missing argument, no arguments at all) → their text, exit 2.
+* Ctrl-C anywhere (``KeyboardInterrupt``, Typer's returned 130, ``typer.Abort``) → ``Error: Interrupted.``, 130.
+* A reader that went away (``gpuctl jobs list | head``) → 0, nothing more printed.
+
+Nothing below this prints an error or picks an exit code; commands raise, this module reports.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +18,44 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
+    from gpuctl.errors import EXIT_INTERRUPTED
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get("GPUCTL_DEBUG", "") not in ("", "0") or "--debug" in args
+    if argv is None and not debug and not sys.warnoptions:
+        # The real process: a library's warning (with its site-packages path) is never for the user. In-process
+        # callers (the tests) keep their own warning filters.
+        import warnings
+
+        warnings.simplefilter("ignore")
+    try:
+        _check_arguments(args)
+        return _run(args, debug)
+    except _BadArgument as exc:
+        _error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        # Ctrl-C while the CLI was still importing, or while an error was being reported.
+        _error("Interrupted.")
+        return EXIT_INTERRUPTED
+
+
+def _run(args: list[str], debug: bool) -> int:
     import typer
 
-    from gpuctl.cli import app
+    from gpuctl.cli import COMPLETE_VAR, app_for
     from gpuctl.errors import EXIT_INTERRUPTED, EXIT_USAGE, GpuctlError
 
-    args = sys.argv[1:] if argv is None else argv
-    debug = os.environ.get("GPUCTL_DEBUG", "") not in ("", "0") or "--debug" in args
+    if os.environ.get(COMPLETE_VAR):
+        # A completion script is asking (`gpuctl completion bash`): Typer's completion classes answer it.
+        from typer._completion_classes import completion_init
+
+        completion_init()
+
     try:
         # Without standalone mode Typer *returns* the code of a typer.Exit, and turns Ctrl-C into a returned
         # 130, instead of raising: the return value is the exit code.
-        returned = app(args=args, prog_name="gpuctl", standalone_mode=False)
+        returned = app_for(args)(args=args, prog_name="gpuctl", standalone_mode=False)
     except GpuctlError as exc:
         if debug:
             raise
@@ -29,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return int(exc.exit_code)
     except typer.TyperException as exc:
-        # Usage errors (Typer ships its own click): "Usage: …" and "Error: …" on stderr, exit 2.
+        # Usage errors (Typer ships its own click): "Usage: …" and "Error: …" on stderr, exit 2. Typer checks
+        # values with pydantic, whose messages start with its error kind; the user needs only the sentence.
+        message = getattr(exc, "message", None)
+        if isinstance(message, str):
+            exc.message = message.replace("Value error, ", "")
         exc.show()  # type: ignore[attr-defined]
         return int(getattr(exc, "exit_code", EXIT_USAGE) or EXIT_USAGE)
     except (typer.Abort, KeyboardInterrupt):
@@ -37,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `gpuctl jobs list | head`: the reader went away; that is not an error.
-        sys.stderr.close()
+        _silence_stdout()
         return 0
     code = returned if isinstance(returned, int) and not isinstance(returned, bool) else 0
     if code == EXIT_INTERRUPTED:
@@ -45,10 +84,49 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+class _BadArgument(Exception):
+    pass
+
+
+def _check_arguments(args: list[str]) -> None:
+    """Refuse an argument that is not UTF-8 text (Python hands such bytes over as lone surrogates, which would fail
+    far later, in the middle of an AWS request)."""
+    for position, arg in enumerate(args, start=1):
+        for char in arg:
+            if "\udc80" <= char <= "\udcff":
+                raise _BadArgument(f"Argument {position} is not valid UTF-8 text (byte 0x{ord(char) - 0xDC00:02x}); "
+                                   "gpuctl takes UTF-8 arguments.")
+            if "\ud800" <= char <= "\udfff":
+                raise _BadArgument(f"Argument {position} is not valid UTF-8 text; gpuctl takes UTF-8 arguments.")
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit and would report the broken pipe; point it at /dev/null instead.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _sentence(message: str) -> str:
+    """The message as one clean sentence: invisible and control characters escaped, one final full stop."""
+    from gpuctl.inputs import display
+
+    text = " ".join(display(line, limit=100_000) for line in message.strip().splitlines())
+    while text.endswith(".."):
+        text = text[:-1]
+    return text
+
+
 def _error(message: str) -> None:
+    from rich.text import Text
+
     from gpuctl.cli._output import err_console
 
-    err_console().print(f"[bold red]Error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    # A Text, not markup: a file name such as "[red]x.png" is printed as it is.
+    err_console().print(Text.assemble(("Error:", "bold red"), " ", _sentence(message)), highlight=False,
+                        soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,16 @@
 
     GpuctlError (exit 1)                      anything gpuctl reports in one sentence
     ├── UsageError (exit 2)                   bad input from the user: a flag, a file, a job id format
-    │   └── ConfigError (exit 2)              a missing or invalid setting
+    │   ├── ConfigError (exit 2)              a missing or invalid setting
+    │   └── Cancelled (exit 2)                the user declined a confirmation; nothing was changed
     ├── NotFound (exit 1)                     a job, queue, table, bucket or instance that is not there
     ├── Conflict (exit 1)                     a state transition that is not allowed right now
+    ├── PartialFailure (exit 1)               some items of a batch were done, the others were not
     ├── AwsError (exit 4)                     an AWS call that failed (access denied, throttled, unreachable)
-    ├── JobFailed (exit 1)                    a watched job ended `failed`
-    └── WaitTimeout (exit 3)                  a wait ran out of time
+    │   └── InstanceNotStarted (exit 4)       --require-instance: the job is queued, the instance did not start
+    ├── JobFailed (exit 1)                    a watched job ended `failed` (or was cancelled)
+    ├── WaitTimeout (exit 3)                  a wait ran out of time
+    └── Interrupted (exit 130)                Ctrl-C or SIGTERM; what was done so far has been printed
 
 The CLI's entry point is the only place that turns these into stderr text and an exit code; everything
 below it raises. Every message is written for a person: one sentence that says what is wrong and, where
@@ -32,11 +36,15 @@ __all__ = [
     "EXIT_TIMEOUT",
     "EXIT_USAGE",
     "AwsError",
+    "Cancelled",
     "ConfigError",
     "Conflict",
     "GpuctlError",
+    "InstanceNotStarted",
+    "Interrupted",
     "JobFailed",
     "NotFound",
+    "PartialFailure",
     "UsageError",
     "WaitTimeout",
 ]
@@ -65,6 +73,10 @@ class ConfigError(UsageError):
     """A setting that is missing or invalid."""
 
 
+class Cancelled(UsageError):
+    """The user answered "no" to a confirmation (or there was no answer): nothing was changed."""
+
+
 class NotFound(GpuctlError):
     """Something the user named does not exist."""
 
@@ -83,11 +95,28 @@ class AwsError(GpuctlError):
         self.code = code
 
 
+class PartialFailure(GpuctlError):
+    """A batch of which only some items were done (each failed item was reported on its own)."""
+
+
+class InstanceNotStarted(AwsError):
+    """``--require-instance``: the job is queued, but the GPU instance could not be started."""
+
+
 class JobFailed(GpuctlError):
-    """A job the user waited for ended `failed`."""
+    """A job the user waited for ended `failed` (a cancelled job too: it did not complete)."""
 
 
 class WaitTimeout(GpuctlError):
     """A wait ran out of time before the thing waited for happened."""
 
     exit_code = EXIT_TIMEOUT
+
+
+class Interrupted(GpuctlError):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the command; whatever it had done is printed before this is raised."""
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, message: str = "Interrupted.") -> None:
+        super().__init__(message)

@@ -44,6 +44,7 @@ __all__ = [
     "InputUnavailable",
     "Resolver",
     "check_https_url",
+    "check_size",
     "display",
     "inspect_image",
     "redact_url",
@@ -146,6 +147,17 @@ def _megabytes(n: int) -> str:
     return f"{n / (1024 * 1024):.1f}".rstrip("0").rstrip(".")
 
 
+def check_size(name: str, size: int, limits: ImageLimits) -> None:
+    """Refuse an image of ``size`` bytes above ``limits.max_bytes``.
+
+    Raises:
+        InputRejected: naming the limit (max_image_mb).
+    """
+    if size > limits.max_bytes:
+        raise InputRejected(f"{name} is {_megabytes(size)} MB, larger than the {_megabytes(limits.max_bytes)} MB "
+                            "limit (max_image_mb).")
+
+
 def _check_dimensions(name: str, width: int, height: int, limits: ImageLimits) -> None:
     if width <= 0 or height <= 0:
         raise InputRejected(f"{name} has no pixels ({width}×{height}).")
@@ -180,9 +192,7 @@ def inspect_image(data: bytes | Path, *, name: str, limits: ImageLimits, verify:
     _quiet_pillow()
     if size is None:
         size = len(data) if isinstance(data, bytes) else data.stat().st_size
-    if size > limits.max_bytes:
-        raise InputRejected(f"{name} is {_megabytes(size)} MB, larger than the {_megabytes(limits.max_bytes)} MB "
-                            "limit (max_image_mb).")
+    check_size(name, size, limits)
     source: Any = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
         with Image.open(source) as img:

@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -76,6 +76,16 @@ class Settings(BaseSettings):
     read_timeout: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=20)
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return check_setting_url(value)
+
+    @field_validator("queue_url", "dlq_url")
+    @classmethod
+    def _queue(cls, value: str | None) -> str | None:
+        return check_setting_url(value, http_only=False)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -95,8 +105,12 @@ class Settings(BaseSettings):
         """
         value = getattr(self, name)
         if value in (None, ""):
-            raise ConfigError(missing_setting_message(name, self.profile))
+            raise self.missing(name)
         return str(value)
+
+    def missing(self, name: str) -> ConfigError:
+        """The error for a setting this command needs and nobody set; a profile that does not exist is named."""
+        return ConfigError(missing_setting_message(name, self.profile, self.config_dir))
 
     def result_url(self, bucket: str, key: str) -> str:
         """Where a result is published: the CDN when one is configured, else the s3:// URI."""
@@ -118,13 +132,49 @@ SETTING_HELP: dict[str, tuple[str, str]] = {
 }
 
 
-def missing_setting_message(name: str, profile: str) -> str:
+def check_setting_url(value: str | None, *, http_only: bool = True) -> str | None:
+    """A URL setting: no user name or password (refused without being echoed back, as every message would repeat
+    it); with ``http_only`` (the endpoint) an http(s) URL with a host, which botocore needs."""
+    from urllib.parse import urlsplit
+
+    if value is None or value == "":
+        return value
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        if not http_only:
+            return value
+        raise ValueError("is not a valid URL (bad host or port)") from None
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("carries a user name or password; gpuctl refuses credentials in URLs")
+    if not http_only:
+        return value
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        from gpuctl.inputs import display
+
+        raise ValueError(f"{display(value, limit=80)!r} is not an http:// or https:// URL")
+    return value.strip()
+
+
+def missing_setting_message(name: str, profile: str, directory: Path | None = None) -> str:
     what, env = SETTING_HELP.get(name, (name.replace("_", " "), f"GPUCTL_{name.upper()}"))
     flag = " --profile " + profile if profile != "default" else ""
+    if profile != "default" and not profile_path(profile, directory).exists():
+        return no_profile_message(profile, directory)
     return (
         f"No {what} is configured: set {env}, or run `gpuctl{flag} config set {name} VALUE`, "
         f"or `gpuctl{flag} deploy` to create the stack and record it."
     )
+
+
+def no_profile_message(profile: str, directory: Path | None = None) -> str:
+    """A profile was named (--profile, GPUCTL_PROFILE) that has no config file."""
+    path = profile_path(profile, directory)
+    flag = f"gpuctl --profile {profile}"
+    create = ("`gpuctl local up` creates it" if profile == "local" else
+              f"`{flag} deploy` or `{flag} config set NAME VALUE` creates it")
+    return f"There is no profile {profile} ({path} does not exist): {create}."
 
 
 def config_dir(explicit: Path | None = None) -> Path:
@@ -174,7 +224,8 @@ def write_profile(profile: str, values: dict[str, Any], directory: Path | None =
         Settings.model_validate({**merged, "profile": profile})
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigError(f"Invalid value for {first['loc'][0]}: {first['msg']}.") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"Invalid value for {first['loc'][0]}: {message}.") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".toml.tmp")
     tmp.write_text(tomli_w.dumps(merged))
@@ -200,16 +251,25 @@ class _ProfileFileSource(PydanticBaseSettingsSource):
         return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
 
 
-def load_settings(**overrides: Any) -> Settings:
+def load_settings(*, require_profile: bool = False, **overrides: Any) -> Settings:
     """Build Settings from flags (``overrides``, None meaning "not given"), environment and profile file.
 
+    With ``require_profile``, a profile other than ``default`` must have its config file (a command that only
+    reads settings must not quietly run on the environment alone when the profile it was told to use is gone).
+
     Raises:
-        ConfigError: when a value is invalid.
+        ConfigError: when a value is invalid, or the profile named does not exist.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
+    if require_profile:
+        profile = str(given.get("profile") or os.environ.get("GPUCTL_PROFILE") or "default")
+        directory = given.get("config_dir")
+        if profile != "default" and not profile_path(profile, Path(directory) if directory else None).exists():
+            raise ConfigError(no_profile_message(profile, Path(directory) if directory else None))
     try:
         return Settings(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
         name = first["loc"][0] if first["loc"] else "settings"
-        raise ConfigError(f"Invalid setting {name}: {first['msg']}.") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"Invalid setting {name}: {message}.") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -153,3 +154,109 @@ def make_image(path: Path, *, size: tuple[int, int] = (64, 48), fmt: str = "PNG"
     img.save(buf, format=fmt)
     path.write_bytes(buf.getvalue())
     return path
+
+
+# --- what is in the emulator, and the CLI in this process (issue 8's contract tests) ----------------------
+
+ACTIVITY_ID = "gpuctl#activity"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What a command may have written: queued messages, job records (not the activity marker), S3 objects."""
+
+    messages: int
+    records: int
+    objects: int
+
+
+def _test_client(service: str, endpoint_url: str | None) -> Any:
+    """A boto3 client for the tests' own reads; one per service and server (clients cost ~50 ms each to build),
+    a new one in-process (moto's mock must be active when a client is built)."""
+    if endpoint_url is None:
+        return _new_client(service, None)
+    return _server_client(service, endpoint_url)
+
+
+def _new_client(service: str, endpoint_url: str | None) -> Any:
+    import boto3
+
+    session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing")
+    return session.client(service, region_name=REGION, endpoint_url=endpoint_url)  # type: ignore[call-overload]
+
+
+_server_client = functools.cache(_new_client)
+
+
+def emulator_counts(res: Resources) -> Counts:
+    """Count messages (exact in moto), job records (a Scan without the activity marker) and objects."""
+    attrs = _test_client("sqs", res.endpoint_url).get_queue_attributes(
+        QueueUrl=res.queue_url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    ddb = _test_client("dynamodb", res.endpoint_url)
+    records, start = 0, None
+    while True:
+        page = ddb.scan(TableName=res.table_name, Select="COUNT", FilterExpression="task_id <> :a",
+                        ExpressionAttributeValues={":a": {"S": ACTIVITY_ID}},
+                        **({"ExclusiveStartKey": start} if start else {}))
+        records += int(page["Count"])
+        start = page.get("LastEvaluatedKey")
+        if not start:
+            break
+    objects = sum(p.get("KeyCount", 0) for p in _test_client("s3", res.endpoint_url)
+                  .get_paginator("list_objects_v2").paginate(Bucket=res.bucket))
+    return Counts(int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"]),
+                  records, objects)
+
+
+@dataclass(frozen=True)
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def invoke(args: list[str], env: dict[str, str], capsys: Any) -> CliResult:
+    """Run gpuctl's ``main(args)`` in this process (the same boundary as the real process, ~10× cheaper than a
+    subprocess) with ``env`` added to the environment; returns its exit code, stdout and stderr."""
+    from gpuctl.__main__ import main
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
+
+
+def put_object(res: Resources, key: str, body: bytes, content_type: str = "image/png") -> str:
+    """Put an object in the test bucket; returns its s3:// URI."""
+    _test_client("s3", res.endpoint_url).put_object(Bucket=res.bucket, Key=key, Body=body, ContentType=content_type)
+    return f"s3://{res.bucket}/{key}"
+
+
+def png_bytes(size: tuple[int, int] = (64, 48)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 120, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width×height (a decompression bomb: about 100 bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

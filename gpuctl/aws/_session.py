@@ -51,10 +51,7 @@ class AwsClients:
                 f"The AWS profile {self.settings.aws_profile!r} does not exist in your AWS config."
             ) from None
         if session.region_name is None:
-            raise ConfigError(
-                "No AWS region is configured: set AWS_DEFAULT_REGION, pass --region, "
-                "or run `gpuctl config set region REGION`."
-            )
+            raise self.settings.missing("region")
         if is_local_endpoint(self.settings.endpoint_url) and session.get_credentials() is None:
             # An emulator on loopback accepts any key; a newcomer without AWS credentials should not
             # have to invent some.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpuctl.aws._errors import error_code, translate
 from gpuctl.errors import AwsError, Conflict, GpuctlError, NotFound, UsageError, WaitTimeout
+from gpuctl.times import stamp
 
 if TYPE_CHECKING:
     from mypy_boto3_cloudformation import CloudFormationClient
@@ -88,8 +89,8 @@ class StackInfo:
             "stack_id": self.stack_id,
             "status": self.status,
             "status_reason": self.status_reason,
-            "created_at": self.created.isoformat() if self.created else None,
-            "updated_at": self.updated.isoformat() if self.updated else None,
+            **stamp("created_at", self.created.timestamp() if self.created else None),
+            **stamp("updated_at", self.updated.timestamp() if self.updated else None),
             "parameters": dict(sorted(self.parameters.items())),
             "outputs": dict(sorted(self.outputs.items())),
         }

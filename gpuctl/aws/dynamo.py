@@ -435,6 +435,31 @@ class JobTable:
             for item in page.get("Items", []):
                 yield self._decode(item)
 
+    def query_page(
+        self,
+        status: JobStatus,
+        *,
+        limit: int,
+        since: float | None = None,
+        after: tuple[str, str] | None = None,
+    ) -> tuple[list[tuple[JobRecord, tuple[str, str]]], bool]:
+        """One Query of at most ``limit`` jobs in ``status``, newest first, after the job whose position is
+        ``after`` = ``(task_id, created_at as stored)``; returns each job with its position, and whether the index
+        may hold more. Positions keep ``created_at`` as DynamoDB returned it, so a page starts exactly after it."""
+        import botocore.exceptions
+
+        kwargs: dict[str, Any] = {"TableName": self.table_name, "IndexName": GSI_STATUS_CREATED,
+                                  **self._status_key(status, since), "ScanIndexForward": False, "Limit": limit}
+        if after is not None:
+            kwargs["ExclusiveStartKey"] = {"task_id": {"S": after[0]}, "status": {"S": status.value},
+                                           "created_at": {"N": after[1]}}
+        try:
+            page: dict[str, Any] = dict(self._client.query(**kwargs))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise translate(exc, self._what()) from exc
+        jobs = [(self._decode(item), (item["task_id"]["S"], item["created_at"]["N"])) for item in page.get("Items", [])]
+        return jobs, bool(page.get("LastEvaluatedKey"))
+
     def count_status(self, status: JobStatus, *, cap: int | None = None) -> int:
         """How many jobs are in ``status`` (stops counting at ``cap`` when given)."""
         query = {**self._status_key(status), "Select": "COUNT"}

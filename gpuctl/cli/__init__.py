@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,9 +13,9 @@ if TYPE_CHECKING:
     from gpuctl.services.context import Gateways
     from gpuctl.settings import Settings
 
-__all__ = ["AppState", "app", "state"]
+__all__ = ["COMPLETE_VAR", "AppState", "app", "app_for", "state"]
 
-app = typer.Typer(
+_SETTINGS: dict[str, Any] = dict(
     name="gpuctl",
     help="Operate a scale-to-zero GPU job system on AWS: submit jobs, watch them, manage the instance.",
     no_args_is_help=True,
@@ -25,6 +25,8 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+#: The whole CLI (every command registered); `app_for(args)` builds a root with only the command invoked.
+app = typer.Typer(**_SETTINGS)
 
 
 class AppState:
@@ -35,12 +37,17 @@ class AppState:
         self.output = output
         self.quiet = quiet
         self.verbose = verbose
+        self.new_profile_ok = False
+
+    def allow_new_profile(self) -> None:
+        """For commands that create the profile they are given (deploy): it need not exist yet."""
+        self.new_profile_ok = True
 
     @functools.cached_property
     def settings(self) -> Settings:
         from gpuctl.settings import load_settings
 
-        return load_settings(**self.overrides)
+        return load_settings(**self.overrides, require_profile=not self.new_profile_ok)
 
     @functools.cached_property
     def gateways(self) -> Gateways:
@@ -67,7 +74,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def root(
     ctx: typer.Context,
     profile: Annotated[str | None, typer.Option("--profile", envvar="GPUCTL_PROFILE",
@@ -77,7 +83,8 @@ def root(
         "--endpoint-url", help="Send AWS calls to this endpoint (local emulator, LocalStack).")] = None,
     output: Annotated[OutputFormat, typer.Option("--output", "-o", case_sensitive=False,
                                                  help="Output format for data.")] = OutputFormat.TEXT,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the essential value.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only each command's essential value "
+                                        "(its own -q help says which).")] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail on stderr.")] = 0,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
@@ -89,29 +96,100 @@ def root(
     GPU_INSTANCE_ID, AWS_DEFAULT_REGION), then the profile's config file (`gpuctl config path`).
     """
     if verbose:
-        import logging
+        from gpuctl.cli._logging import configure
 
-        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO,
-                            format="%(levelname)s %(name)s %(message)s")
+        configure(verbose)
     ctx.obj = AppState(
         {"profile": profile, "region": region, "endpoint_url": endpoint_url}, output, quiet, verbose
     )
 
 
-def _register() -> None:
-    from gpuctl.cli import adapter, config, decisions, deploy, hold, instance, jobs, local, queue, submit
+def completion(
+    shell: Annotated[str, typer.Argument(help="bash, zsh or fish.", show_default=False)],
+) -> None:
+    """Print the shell completion script for SHELL; load it from your shell's startup file.
 
-    app.add_typer(submit.app, name="submit")
-    jobs.register(app)
-    hold.register(instance.app)
-    decisions.register(instance.app)
-    app.add_typer(instance.app, name="instance")
-    app.add_typer(queue.app, name="queue")
-    deploy.register(app)
-    app.add_typer(config.app, name="config")
-    app.add_typer(local.app, name="local")
-    local.register_demo(app)
-    app.add_typer(adapter.app, name="adapter")
+    Examples:
+
+        eval "$(gpuctl completion bash)"          # in ~/.bashrc
+
+        gpuctl completion zsh > ~/.zfunc/_gpuctl  # with fpath+=~/.zfunc in ~/.zshrc
+
+        gpuctl completion fish > ~/.config/fish/completions/gpuctl.fish
+    """
+    from typer._completion_shared import get_completion_script
+
+    from gpuctl.errors import UsageError
+
+    name = shell.strip().lower()
+    if name not in ("bash", "zsh", "fish"):
+        raise UsageError(f"No completion for the shell {shell!r}; choose bash, zsh or fish.")
+    typer.echo(get_completion_script(prog_name="gpuctl", complete_var=COMPLETE_VAR, shell=name))
 
 
-_register()
+#: The environment variable the completion scripts set when they ask gpuctl for completions.
+COMPLETE_VAR = "_GPUCTL_COMPLETE"
+
+
+def _add(root_app: typer.Typer, group: str) -> None:
+    """Register one top-level command (or group of commands) on ``root_app``."""
+    from gpuctl.cli import adapter, config, deploy, instance, jobs, local, queue, submit
+
+    sub_apps = {"submit": submit.app, "instance": instance.app, "queue": queue.app, "config": config.app,
+                "adapter": adapter.app}
+    if group in sub_apps:
+        root_app.add_typer(sub_apps[group], name=group)
+    elif group == "jobs":
+        jobs.register(root_app)
+    elif group == "deploy":
+        deploy.register(root_app)
+    elif group == "local":
+        root_app.add_typer(local.app, name="local")
+        local.register_demo(root_app)
+    else:
+        root_app.command("completion")(completion)
+
+
+#: Top-level command → the group `_add` registers it with.
+_GROUP_OF = {"submit": "submit", "status": "jobs", "watch": "jobs", "result": "jobs", "jobs": "jobs",
+             "instance": "instance", "queue": "queue", "deploy": "deploy", "destroy": "deploy", "stack": "deploy",
+             "config": "config", "local": "local", "demo": "local", "adapter": "adapter", "completion": "completion"}
+_GROUPS = ("submit", "jobs", "instance", "queue", "deploy", "config", "local", "adapter", "completion")
+#: Root options that take a value (the command name is the first argument that is neither these nor a flag).
+_VALUE_OPTIONS = frozenset({"--profile", "--region", "--endpoint-url", "--output", "-o"})
+
+
+def _command_name(args: list[str]) -> str | None:
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in _VALUE_OPTIONS:
+            skip = True
+        elif arg == "--":
+            return None
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def app_for(args: list[str]) -> typer.Typer:
+    """The root app with only the command ``args`` invoke (the whole app for help, completion or a typo).
+
+    Typer builds the click command of every registered command on each run, reading every signature; building
+    only the one invoked keeps start-up short (the whole tree is about 60 ms of `gpuctl submit`)."""
+    import os
+
+    name = _command_name(args)
+    group = _GROUP_OF.get(name or "")
+    if group is None or os.environ.get(COMPLETE_VAR):
+        return app
+    narrow = typer.Typer(**_SETTINGS)
+    narrow.callback()(root)
+    _add(narrow, group)
+    return narrow
+
+
+app.callback()(root)
+for _group in _GROUPS:
+    _add(app, _group)

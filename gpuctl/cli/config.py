@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from gpuctl.cli import state
-from gpuctl.cli._output import OutputOpt, QuietOpt
+from gpuctl.cli._output import OutputOpt, quiet_opt
 
 __all__ = ["app"]
 
@@ -17,7 +17,8 @@ KeyArg = Annotated[str, typer.Argument(help="Setting name, e.g. queue_url or tab
 
 
 @app.command("show")
-def show(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+def show(ctx: typer.Context, output: OutputOpt = None,
+         quiet: Annotated[bool, quiet_opt("name=value lines of the settings that have a value")] = False) -> None:
     """Show the effective settings and where each comes from (flag, env, file or default).
 
     Examples:
@@ -33,6 +34,9 @@ def show(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False) 
     if out.json:
         out.data(view.document())
         return
+    if out.quiet:
+        out.ids(f"{e.name}={e.value}" for e in view.entries if e.value is not None)
+        return
     out.table(["Setting", "Value", "Source"], ([e.name, e.value, e.source] for e in view.entries),
               title=f"Profile {view.profile} ({view.path})")
 
@@ -42,7 +46,7 @@ def set_(
     ctx: typer.Context,
     key: KeyArg,
     value: Annotated[str, typer.Argument(help="The value to store.", show_default=False)],
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the path of the file written")] = False,
 ) -> None:
     """Store a setting in the profile's config file (checked before it is written).
 
@@ -56,11 +60,14 @@ def set_(
 
     out = state(ctx).renderer(None, quiet)
     name, typed, path = set_setting(state(ctx).overrides, key, value)
+    if out.quiet:
+        out.ids([path])
     out.note(f"Set {name} = {typed!r} in {path}.")
 
 
 @app.command("unset")
-def unset(ctx: typer.Context, key: KeyArg, quiet: QuietOpt = False) -> None:
+def unset(ctx: typer.Context, key: KeyArg,
+          quiet: Annotated[bool, quiet_opt("the path of the file")] = False) -> None:
     """Remove a setting from the profile's config file.
 
     Examples:
@@ -71,6 +78,8 @@ def unset(ctx: typer.Context, key: KeyArg, quiet: QuietOpt = False) -> None:
 
     out = state(ctx).renderer(None, quiet)
     name, present, path = unset_setting(state(ctx).overrides, key)
+    if out.quiet:
+        out.ids([path])
     out.note(f"Removed {name} from {path}." if present else f"{name} was not set in {path}.")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from types import TracebackType
 from typing import TYPE_CHECKING, Annotated, Any
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gpuctl.cli import state
-from gpuctl.cli._output import OutputOpt, QuietOpt, Renderer, err_console
+from gpuctl.cli._output import OutputOpt, Renderer, ask, err_console, quiet_opt, when
 from gpuctl.errors import UsageError
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def deploy(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the change set, change nothing.")] = False,
     yes: YesOpt = False,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the stack's status when done (dry run: dry-run)")] = False,
 ) -> None:
     """Create or update the stack through a change set, then record its outputs in the profile.
 
@@ -81,8 +82,9 @@ def deploy(
 
     Follows the stack events, then writes queue_url, table_name, bucket, instance_id, … to the profile.
 
-    Options left out keep the stack's current values. Exit 1 when the stack fails or rolls back; exit 2 when an
-    existing queue has no redrive policy or an existing table has no status index (it says how to add them).
+    Options left out keep the stack's current values. Exit 1 when the stack fails or rolls back; exit 2 when the
+    change set is declined (nothing is changed), or when an existing queue has no redrive policy or an existing
+    table has no status index (it says how to add them).
 
     Examples:
 
@@ -100,6 +102,7 @@ def deploy(
     from gpuctl.services.deploy import deploy as run_deploy
 
     app_state, out = state(ctx), state(ctx).renderer(output, quiet)
+    app_state.allow_new_profile()  # deploy is how a new profile gets its settings
     _need_confirmation_channel(yes or dry_run, "deploy")
     existing = Existing(existing_queue_url, existing_dlq_url, existing_table, existing_bucket)
     with _Progress(out, "Deploying…", yes=yes) as progress:
@@ -114,10 +117,14 @@ def deploy(
 
 
 def _render_deploy(out: Renderer, result: DeployResult) -> None:
+    if result.action == "cancelled":
+        from gpuctl.errors import Cancelled
+
+        raise Cancelled("Cancelled: the change set was not executed, and nothing was changed.")
     if out.json:
         out.data(result.document())
     elif out.quiet:
-        out.ids([result.status or result.action])
+        out.ids(["dry-run" if result.action == "dry-run" else result.status or result.action])
     elif result.action == "dry-run" and result.plan is not None:
         _plan_table(result.plan, stderr=False)
         out.note("Dry run: nothing was changed, and the change set was deleted.")
@@ -130,9 +137,6 @@ def _render_deploy(out: Renderer, result: DeployResult) -> None:
         written = ", ".join(k for k, v in sorted(result.settings_written.items()) if v is not None)
         if written:
             out.note(f"Wrote {written} to {result.config_path}.")
-    if result.action == "cancelled":
-        out.note("Cancelled: nothing was changed.")
-        raise typer.Exit(1)
 
 
 # --- gpuctl destroy --------------------------------------------------------------------------------
@@ -145,14 +149,15 @@ def destroy(
                               "a confirmation that names them and counts their items.")] = False,
     yes: YesOpt = False,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the name of the deleted stack")] = False,
 ) -> None:
     """Delete the stack (queues, Lambda, alarms, roles) and wait until it is gone; keep the team's data.
 
     The table and the bucket the stack created are kept (the table stays protected against deletion): destroy
     says what it kept and how to remove it. --delete-data removes them too, after its own confirmation (--yes
     answers both questions). Resources of the running system given to deploy with --existing-... are never
-    touched. Asks first unless --yes. The settings deploy recorded from the stack are removed from the profile.
+    touched. Asks first unless --yes (answering no exits 2). The settings deploy recorded from the stack are
+    removed from the profile.
 
     Examples:
 
@@ -174,11 +179,15 @@ def destroy(
 
 
 def _render_destroy(out: Renderer, result: DestroyResult) -> None:
+    if not result.deleted:
+        from gpuctl.errors import Cancelled
+
+        raise Cancelled("Cancelled: nothing was deleted.")
     if out.json:
         out.data(result.document())
     elif out.quiet:
-        out.ids([result.stack_name if result.deleted else ""])
-    elif result.deleted:
+        out.ids([result.stack_name])
+    else:
         out.note(f"Deleted the stack {result.stack_name}.")
         for data in result.data_deleted:
             out.note(f"Deleted the {data.kind} {data.name} ({data.counted}).")
@@ -192,15 +201,13 @@ def _render_destroy(out: Renderer, result: DestroyResult) -> None:
             out.note(f"Left the {kind} {name} alone: it was not part of the stack.")
         if result.forgotten:
             out.note(f"Removed {', '.join(result.forgotten)} from {result.config_path}.")
-    if not result.deleted:
-        out.note("Cancelled: nothing was deleted.")
-        raise typer.Exit(1)
 
 
 # --- gpuctl stack status|outputs -------------------------------------------------------------------
 
 @stack_app.command("status")
-def status(ctx: typer.Context, stack: StackOpt = None, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+def status(ctx: typer.Context, stack: StackOpt = None, output: OutputOpt = None,
+           quiet: Annotated[bool, quiet_opt("the stack status (CREATE_COMPLETE, …)")] = False) -> None:
     """Show the stack's status, when it changed, and its parameters.
 
     Exit 1 when there is no such stack.
@@ -224,28 +231,48 @@ def status(ctx: typer.Context, stack: StackOpt = None, output: OutputOpt = None,
 
 
 @stack_app.command("outputs")
-def outputs(ctx: typer.Context, stack: StackOpt = None, output: OutputOpt = None) -> None:
-    """Show the stack's outputs (what deploy writes into the profile, and more).
+def outputs(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Only this output (e.g. OperatorPolicyArn).",
+                                               show_default=False)] = None,
+    stack: StackOpt = None,
+    output: OutputOpt = None,
+    quiet: Annotated[bool, quiet_opt("the value of NAME (without NAME: NAME=VALUE lines)")] = False,
+) -> None:
+    """Show the stack's outputs (what deploy writes into the profile, and more), every value whole.
+
+    Exit 1 when there is no such stack or no such output.
 
     Examples:
 
         gpuctl stack outputs
 
+        gpuctl stack outputs OperatorPolicyArn -q
+
         gpuctl stack outputs --output json | jq -r .OperatorPolicyArn
     """
+    from gpuctl.errors import NotFound
     from gpuctl.services.deploy import stack_outputs
 
-    app_state, out = state(ctx), state(ctx).renderer(output)
+    app_state, out = state(ctx), state(ctx).renderer(output, quiet)
     values = stack_outputs(app_state.gateways.clients, app_state.settings, stack_name=stack)
+    if name is not None:
+        if name not in values:
+            known = ", ".join(values) or "none"
+            raise NotFound(f"The stack has no output {name!r}; its outputs are: {known}.")
+        values = {name: values[name]}
     if out.json:
         out.data(values)
+    elif out.quiet:
+        out.ids(values.values() if name is not None else (f"{k}={v}" for k, v in values.items()))
     else:
         out.table(["Output", "Value"], sorted(values.items()))
 
 
 def _status_pairs(info: StackInfo) -> list[tuple[str, Any]]:
+    doc = info.document()
     pairs: list[tuple[str, Any]] = [("stack", info.name), ("status", info.status), ("reason", info.status_reason),
-                                    ("created", info.created), ("updated", info.updated)]
+                                    ("created", when(doc["created_at"])), ("updated", when(doc["updated_at"]))]
     pairs += [(f"  {k}", v) for k, v in sorted(info.parameters.items())]
     return [(k, v) for k, v in pairs if v is not None]
 
@@ -291,7 +318,7 @@ class _Progress:
     def event(self, event: StackEvent) -> None:
         style = "red" if event.failed else "green" if event.status.endswith("_COMPLETE") else None
         reason = f" — {event.reason}" if event.reason else ""
-        self._line(f"{event.timestamp:%H:%M:%S}  {event.status:<30} {event.logical_id} "
+        self._line(f"{event.timestamp.astimezone(dt.UTC):%H:%M:%SZ}  {event.status:<30} {event.logical_id} "
                    f"({event.resource_type}){reason}", style=style)
 
     def _ask(self, question: str) -> bool:
@@ -299,7 +326,7 @@ class _Progress:
             return True
         if self._status is not None:
             self._status.stop()
-        answer = typer.confirm(question, default=False, err=True)
+        answer = ask(question)
         if self._status is not None:
             self._status.start()
         return answer

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from gpuctl.cli import state
-from gpuctl.cli._output import OutputOpt, QuietOpt
+from gpuctl.cli._output import OutputOpt, quiet_opt, when
 
 __all__ = ["register"]
 
@@ -24,7 +24,7 @@ def hold(
     for_: Annotated[str, typer.Option("--for", help="How long: 30m, 2h, 1d (at most 7d).", show_default=False)],
     reason: Annotated[str | None, typer.Option("--reason", help="Why, shown by `instance status`.")] = None,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the end of the hold (ISO 8601 UTC)")] = False,
 ) -> None:
     """Keep the idle scheduler from stopping the instance for a while (it does not start it).
 
@@ -46,13 +46,15 @@ def hold(
     elif out.quiet:
         out.ids([doc["hold_until_iso"]])
     else:
-        out.note(f"The instance {result.instance_id} is held until {doc['hold_until_iso']}"
+        out.note(f"The instance {result.instance_id} is held until {when(result.until)}"
                  + (f" ({result.reason})." if result.reason else "."))
         if result.state not in ("running", "pending"):
             out.warn(f"it is {result.state}: a hold only prevents idle stops; `gpuctl instance start` starts it.")
 
 
-def release(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+def release(ctx: typer.Context, output: OutputOpt = None,
+            quiet: Annotated[bool, quiet_opt("the end of the hold that was released (empty: there was none)")]
+            = False) -> None:
     """End the hold: the scheduler may stop the instance again once it is idle.
 
     Examples:
@@ -65,13 +67,16 @@ def release(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = Fals
     previous = end_hold(state(ctx).gateways)
     if out.json:
         out.data({**previous.document(), "released": previous.until is not None})
+    elif out.quiet:
+        out.ids([previous.document()["hold_until_iso"] or ""])
     elif previous.until is None:
         out.note(f"The instance {previous.instance_id} had no hold.")
     else:
-        out.note(f"Released the hold on {previous.instance_id} (it was until {previous.document()['hold_until_iso']}).")
+        out.note(f"Released the hold on {previous.instance_id} (it was until {when(previous.until)}).")
 
 
-def why_stopped(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+def why_stopped(ctx: typer.Context, output: OutputOpt = None,
+                quiet: Annotated[bool, quiet_opt("the reason of the last stop")] = False) -> None:
     """Show why and when the instance was last stopped (by the idle scheduler or `gpuctl instance stop`).
 
     Examples:
@@ -91,5 +96,6 @@ def why_stopped(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = 
     elif not record.recorded:
         out.pairs([("instance", record.instance_id), ("state", record.state), ("last stop", "no recorded stop")])
     else:
-        out.pairs([("instance", record.instance_id), ("state", record.state), ("stopped at", record.stopped_at),
+        out.pairs([("instance", record.instance_id), ("state", record.state),
+                   ("stopped at", when(record.document()["stopped_at"]) or record.stopped_at),
                    ("reason", record.reason), ("stopped by", record.stopped_by)])

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gpuctl.cli import state
-from gpuctl.cli._output import OutputOpt, QuietOpt, Renderer, err_console
+from gpuctl.cli._output import OutputOpt, Renderer, err_console, quiet_opt, when
 
 if TYPE_CHECKING:
     from gpuctl.services.instance import InstanceStatus, StateChange
@@ -22,7 +22,8 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", help="With --wait: give 
 
 
 @app.command("status")
-def status(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+def status(ctx: typer.Context, output: OutputOpt = None,
+           quiet: Annotated[bool, quiet_opt("the state (running, stopped, …)")] = False) -> None:
     """Show the instance's state, type and uptime, and whether it is busy (queue and job counts).
 
     Examples:
@@ -47,7 +48,7 @@ def status(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False
 
 @app.command("start")
 def start(ctx: typer.Context, wait: WaitOpt = False, timeout: TimeoutOpt = 600.0, output: OutputOpt = None,
-          quiet: QuietOpt = False) -> None:
+          quiet: Annotated[bool, quiet_opt("the state after the start")] = False) -> None:
     """Start the GPU instance (nothing happens if it is already running).
 
     Examples:
@@ -55,7 +56,10 @@ def start(ctx: typer.Context, wait: WaitOpt = False, timeout: TimeoutOpt = 600.0
         gpuctl instance start --wait
     """
     from gpuctl.services.instance import start_instance
+    from gpuctl.services.watch import check_wait_options
 
+    if wait:
+        check_wait_options(timeout)
     out = state(ctx).renderer(output, quiet)
     with _waiting(out, "Waiting for the instance to be running…" if wait else None):
         change = start_instance(state(ctx).gateways, wait=wait, timeout=timeout)
@@ -69,7 +73,7 @@ def stop(
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 600.0,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the state after the stop")] = False,
 ) -> None:
     """Stop the GPU instance; refuses (exit 1) while jobs are processing or messages wait, unless --force.
 
@@ -80,7 +84,10 @@ def stop(
         gpuctl instance stop --force --wait
     """
     from gpuctl.services.instance import stop_instance
+    from gpuctl.services.watch import check_wait_options
 
+    if wait:
+        check_wait_options(timeout)
     out = state(ctx).renderer(output, quiet)
     with _waiting(out, "Waiting for the instance to stop…" if wait else None):
         change = stop_instance(state(ctx).gateways, force=force, wait=wait, timeout=timeout)
@@ -133,7 +140,18 @@ def _status_pairs(info: InstanceStatus) -> list[tuple[str, Any]]:
         ("dead letters", work.dlq),
         ("jobs", f"{count(work.pending)} pending, {count(work.processing)} processing"),
     ]
-    optional = [("hold until", doc["hold_until"]), ("hold reason", doc["hold_reason"]),
-                ("stopped at", doc["stopped_at"]), ("stopped because", doc["stopped_reason"]),
+    optional = [("hold until", when(doc["hold_until"])), ("hold reason", doc["hold_reason"]),
+                ("started at", when(doc["started_at"])),
+                ("stopped at", when(doc["stopped_at"])), ("stopped because", doc["stopped_reason"]),
                 ("stopped by", doc["stopped_by"])]
     return [(k, v) for k, v in pairs if v is not None] + [(k, v) for k, v in optional if v]
+
+
+def _register_subcommands() -> None:
+    from gpuctl.cli import decisions, hold
+
+    hold.register(app)
+    decisions.register(app)
+
+
+_register_subcommands()

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from gpuctl.cli import state
-from gpuctl.cli._output import OutputFormat, OutputOpt, QuietOpt, Renderer, err_console
+from gpuctl.cli._output import OutputFormat, OutputOpt, Renderer, clean, err_console, job_state, quiet_opt, when
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from gpuctl.models import JobRecord
-    from gpuctl.services.jobs import ResultFile
+    from gpuctl.services.jobs import DownloadTarget, ResultFile
     from gpuctl.services.watch import WatchResult
 
 __all__ = ["follow", "jobs_app", "register"]
@@ -42,8 +40,15 @@ def register(app: typer.Typer) -> None:
 
 # --- gpuctl status ---------------------------------------------------------------------------------
 
-def status(ctx: typer.Context, job_id: JobIdArg, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+def status(
+    ctx: typer.Context,
+    job_id: JobIdArg,
+    output: OutputOpt = None,
+    quiet: Annotated[bool, quiet_opt("the status: pending, processing, completed or failed")] = False,
+) -> None:
     """Show a job's status: pending, processing, completed (with the result URL) or failed (with why).
+
+    A cancelled job reads "cancelled" (its status stays failed; JSON: "cancelled": true).
 
     Exit 1 if there is no such job, 2 if JOB_ID is not a job id.
 
@@ -75,15 +80,14 @@ def watch(
     interval: Annotated[float, typer.Option("--interval", help="Seconds between polls at first; it grows "
                                             "gently while nothing changes.")] = 1.0,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the result URLs, one per job, once all have completed")] = False,
 ) -> None:
     """Follow jobs until they finish: a live view on a terminal, one line per change when piped.
 
-    Piped, each change prints `TIME JOB_ID STATUS [PROGRESS%] [RESULT|ERROR]`; --output json: a JSON object.
+    Piped, each change prints `TIME JOB_ID STATUS [PROGRESS%] [RESULT|ERROR]`; --output json: one JSON
+    object per line (the status document plus "time").
 
-    With -q only the result URLs are printed, at the end.
-
-    Exit 0 when all completed, 1 when any failed, 3 on timeout.
+    Exit 0 when all completed, 1 when any failed or was cancelled, 3 on timeout, 130 on Ctrl-C.
 
     Examples:
 
@@ -96,7 +100,7 @@ def watch(
 
 
 def follow(ctx: typer.Context, job_ids: Sequence[str], *, timeout: float | None, out: Renderer,
-           interval: float = 1.0, download: Path | None = None) -> None:
+           interval: float = 1.0, download: DownloadTarget | None = None) -> None:
     """Watch jobs to the end, render every change, then download results or raise for the exit code.
 
     Shared by `gpuctl watch` and `gpuctl submit --wait [--download PATH]`.
@@ -115,8 +119,6 @@ def follow(ctx: typer.Context, job_ids: Sequence[str], *, timeout: float | None,
     if download is not None:
         from gpuctl.services.jobs import download_result
 
-        if len(outcome.records) > 1:
-            download.mkdir(parents=True, exist_ok=True)
         for record in outcome.records:
             with _download_progress(out) as progress:
                 saved = download_result(gw, record.task_id, download, on_progress=progress)
@@ -133,15 +135,20 @@ class _LineView(AbstractContextManager["_LineView"]):
         return None
 
     def update(self, record: JobRecord) -> None:
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        import time
+
+        from gpuctl.times import iso, stamp
+
+        now = time.time()
         if self.as_json:
-            typer.echo(json.dumps({"time": now, **record.status_document()}, ensure_ascii=False))
+            typer.echo(json.dumps({**stamp("time", round(now, 3)), **record.status_document()},
+                                  ensure_ascii=False))
             return
-        parts = [now, record.task_id, record.status.value]
+        parts = [iso(now) or "", record.task_id, job_state(record)]
         if record.progress is not None and not record.status.is_finished:
             parts.append(f"{record.progress * 100:.0f}%")
         if record.result_s3_uri or record.error_message:
-            parts.append(record.result_s3_uri or record.error_message or "")
+            parts.append(clean(record.result_s3_uri or record.error_message))
         typer.echo(" ".join(parts))
 
 
@@ -173,19 +180,23 @@ class _LiveView(AbstractContextManager["_LiveView"]):
 
     def __rich__(self) -> Any:
         from rich.progress_bar import ProgressBar
-        from rich.table import Table
+        from rich.table import Column, Table
+        from rich.text import Text
 
-        table = Table("Job", "Status", "Elapsed", "Progress", "Result / error", header_style="bold")
+        table = Table(Column("Job", overflow="fold"), "Status", "Elapsed", "Progress",
+                      Column("Result / error", overflow="fold"), header_style="bold")
         for r in self.records.values():
             bar = ProgressBar(total=1.0, completed=r.progress, width=20) if r.progress is not None else ""
             if r.status.value == "completed":
                 bar = ProgressBar(total=1.0, completed=1.0, width=20)
             detail = r.result_s3_uri or r.error_message or ("cancel requested" if r.cancel_requested else "")
-            table.add_row(r.task_id, f"[{_STYLE[r.status.value]}]{r.status.value}[/]", _elapsed(r), bar, detail)
+            shown = job_state(r)
+            table.add_row(r.task_id, Text(shown, style=_STYLE[shown]), _elapsed(r), bar, clean(detail))
         return table
 
 
-_STYLE = {"pending": "yellow", "processing": "cyan", "completed": "green", "failed": "bold red"}
+_STYLE = {"pending": "yellow", "processing": "cyan", "completed": "green", "failed": "bold red",
+          "cancelled": "magenta"}
 
 
 def _view(out: Renderer) -> _LineView | _LiveView:
@@ -203,9 +214,13 @@ def _finish(out: Renderer, outcome: WatchResult) -> None:
         out.ids(r.result_s3_uri for r in outcome.records if r.result_s3_uri)
     failed = outcome.failed
     if failed:
-        reasons = "; ".join(f"{r.task_id}: {r.error_message or 'no reason recorded'}" for r in failed)
-        noun = "Job" if len(failed) == 1 else f"{len(failed)} jobs"
-        raise JobFailed(f"{noun} failed — {reasons}.")
+        if len(failed) == 1:
+            r = failed[0]
+            verb = "was cancelled" if r.cancelled else "failed"
+            raise JobFailed(f"Job {r.task_id} {verb}: {(r.error_message or 'no reason recorded').rstrip('.')}.")
+        reasons = "; ".join(f"{r.task_id} {job_state(r)}: {r.error_message or 'no reason recorded'}"
+                            for r in failed)
+        raise JobFailed(f"{len(failed)} jobs did not complete — {reasons}.")
     if outcome.timed_out:
         waiting = ", ".join(f"{r.task_id} ({r.status.value})" for r in outcome.unfinished)
         raise WaitTimeout(f"Timed out after {outcome.elapsed:.0f} s; still not finished: {waiting}.")
@@ -216,29 +231,37 @@ def _finish(out: Renderer, outcome: WatchResult) -> None:
 def result(
     ctx: typer.Context,
     job_id: JobIdArg,
-    output_file: Annotated[Path | None, typer.Option("--output-file", "-o", help="Write the result here "
-                                                     "(a file or a folder; default: the current folder).",
-                                                     show_default=False)] = None,
+    output_file: Annotated[str | None, typer.Option("--output-file", "-o", help="Write the result here: a file, "
+                                                    "or a folder (an existing one, or a path ending in /) to "
+                                                    "save <job id>.png in (default: the current folder).",
+                                                    show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the file if it exists.")] = False,
     url: Annotated[bool, typer.Option("--url", help="Print a URL to fetch the result instead "
                                       "(presigned S3, or the CDN URL).")] = False,
     output: FormatOpt = None,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the path written (with --url: the URL)")] = False,
 ) -> None:
     """Download a completed job's result, or print a URL for it with --url.
 
-    Prints the path written (or the URL). Exit 1 if the job has not completed.
+    Prints the path written (or the URL). An existing file is not overwritten without --force (exit 2).
+
+    Exit 1 if the job has not completed.
 
     Examples:
 
         gpuctl result $JOB -o edited.png
 
+        gpuctl result $JOB -o results/          # saves results/<job id>.png
+
         curl -o out.png "$(gpuctl result $JOB --url)"
     """
     from gpuctl.errors import UsageError
-    from gpuctl.services.jobs import download_result, result_url
+    from gpuctl.services.jobs import download_result, download_target, parse_job_id, result_url
 
     if url and output_file is not None:
         raise UsageError("Give either --url or --output-file, not both.")
+    parse_job_id(job_id)
+    target = None if url else download_target(output_file, overwrite=force)
     out, gw = state(ctx).renderer(output, quiet), state(ctx).gateways
     if url:
         link = result_url(gw, job_id)
@@ -248,7 +271,7 @@ def result(
             out.ids([link])
         return
     with _download_progress(out) as progress:
-        saved = download_result(gw, job_id, output_file, on_progress=progress)
+        saved = download_result(gw, job_id, target, on_progress=progress)
     _render_saved(out, saved)
 
 
@@ -294,37 +317,49 @@ def list_(
                                                 "(default: all).", show_default=False)] = None,
     since: Annotated[str | None, typer.Option("--since", help="Only jobs created within this age: 30m, 1h, "
                                               "2d.", show_default=False)] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="At most this many jobs.")] = 50,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="At most this many jobs (1-1000).")] = 50,
+    next_token: Annotated[str | None, typer.Option("--next-token", help="Continue after the page that printed "
+                                                   "this token (JSON: next_token).", show_default=False)] = None,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the job ids, one per line")] = False,
 ) -> None:
-    """List jobs newest first, from the status index (never a table scan).
+    """List jobs newest first, from the status index (never a table scan), a page at a time.
+
+    When more jobs follow, the token for the next page is in the JSON ("next_token") and on stderr.
 
     Examples:
 
         gpuctl jobs list --status failed --since 1d
 
         gpuctl jobs list --status pending -q | xargs -n1 gpuctl jobs cancel
+
+        gpuctl jobs list --output json | jq -r .next_token
     """
     from gpuctl.services.jobs import list_jobs
 
     out = state(ctx).renderer(output, quiet)
-    records = list_jobs(state(ctx).gateways, status=status_, since=since, limit=limit)
+    page = list_jobs(state(ctx).gateways, status=status_, since=since, limit=limit, next_token=next_token)
+    records = page.records
     if out.json:
-        out.data([r.status_document() for r in records])
-    elif out.quiet:
+        out.data({"jobs": [r.status_document() for r in records], "next_token": page.next_token})
+        return
+    if out.quiet:
         out.ids(r.task_id for r in records)
     elif not records:
         out.note("No jobs match.")
     else:
         out.table(["Job", "Type", "Status", "Created", "Updated", "Result / error"],
-                  ([r.task_id, r.kind, r.status.value, _when(r.created_at), _when(r.updated_at),
+                  ([r.task_id, r.kind, job_state(r), when(r.created_at), when(r.updated_at),
                     r.result_s3_uri or r.error_message] for r in records))
         out.note(f"{len(records)} job{'s' if len(records) != 1 else ''}.")
+    if page.next_token:
+        out.note(f"More jobs follow: gpuctl jobs list --next-token {page.next_token}"
+                 + (f" --status {status_}" if status_ else ""))
 
 
 @jobs_app.command("cancel")
-def cancel(ctx: typer.Context, job_id: JobIdArg, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+def cancel(ctx: typer.Context, job_id: JobIdArg, output: OutputOpt = None,
+           quiet: Annotated[bool, quiet_opt("the job id")] = False) -> None:
     """Cancel a job: a pending one ends failed ("cancelled by user"); a processing one is asked to stop.
 
     Exit 1 if the job has already finished.
@@ -355,7 +390,7 @@ def retry(
     no_start: Annotated[bool, typer.Option("--no-start", help="Queue only; do not start the GPU instance.")]
     = False,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the new job id")] = False,
 ) -> None:
     """Submit a finished job again as a new job with the same request (linked by retry_of).
 
@@ -375,18 +410,17 @@ def retry(
         out.warn(submitted.instance.warning)
     if out.json:
         out.data(submitted.record.status_document())
-        return
-    out.ids([submitted.record.task_id])
-    out.note(f"Queued job {submitted.record.task_id}, a retry of {submitted.record.retry_of}.")
+    else:
+        out.ids([submitted.record.task_id])
+        out.note(f"Queued job {submitted.record.task_id}, a retry of {submitted.record.retry_of}.")
+    if submitted.interrupted:
+        from gpuctl.errors import Interrupted
+
+        raise Interrupted(f"Interrupted: job {submitted.record.task_id} is queued; the instance was not started "
+                          "(the scheduler starts it).")
 
 
 # --- rendering helpers -----------------------------------------------------------------------------
-
-def _when(epoch: float | None) -> str:
-    if epoch is None:
-        return ""
-    return dt.datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
 
 def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
@@ -406,16 +440,17 @@ def _record_pairs(record: JobRecord) -> list[tuple[str, Any]]:
     pairs: list[tuple[str, Any]] = [
         ("job id", record.task_id),
         ("type", record.kind),
-        ("status", record.status.value),
-        ("created", _when(record.created_at)),
-        ("updated", _when(record.updated_at)),
+        ("status", job_state(record)),
+        ("created", when(record.created_at)),
+        ("updated", when(record.updated_at)),
         ("elapsed", _elapsed(record)),
     ]
     optional = [
         ("progress", None if record.progress is None else f"{record.progress * 100:.0f}%"),
         ("result", record.result_s3_uri),
         ("error", record.error_message),
-        ("cancel requested", "yes" if record.cancel_requested else None),
+        ("finished", when(record.finished_at)),
+        ("cancel requested", "yes" if record.cancel_requested and not record.status.is_finished else None),
         ("attempts", record.attempts or None),
         ("worker", record.worker),
         ("retry of", record.retry_of),

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gpuctl.cli import state
-from gpuctl.cli._output import OutputOpt, QuietOpt, Renderer, err_console
+from gpuctl.cli._output import OutputOpt, Renderer, err_console, quiet_opt
 
 if TYPE_CHECKING:
     from rich.status import Status
@@ -44,7 +44,7 @@ def up(
     idle_minutes: Annotated[int, typer.Option("--idle-minutes", min=5, max=1440,
                                               help="The scheduler stops the idle GPU instance after this.")] = 5,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the AWS endpoint URL of local mode")] = False,
 ) -> None:
     """Start local mode (or say it is up, or restart what died) and write the `local` profile.
 
@@ -100,7 +100,8 @@ def _components_table(out: Renderer, status: StatusResult) -> None:
 # --- gpuctl local down -----------------------------------------------------------------------------
 
 @app.command("down")
-def down(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+def down(ctx: typer.Context, output: OutputOpt = None,
+         quiet: Annotated[bool, quiet_opt("nothing (it only stops local mode)")] = False) -> None:
     """Stop the processes `gpuctl local up` started and remove local mode's state and profile values.
 
     Only processes whose pid still belongs to what `up` started are signalled (SIGTERM, then SIGKILL
@@ -126,7 +127,8 @@ def down(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False) 
 # --- gpuctl local status ---------------------------------------------------------------------------
 
 @app.command("status")
-def status(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+def status(ctx: typer.Context, output: OutputOpt = None,
+           quiet: Annotated[bool, quiet_opt("healthy, unhealthy or down")] = False) -> None:
     """Show each local component's health (its pid still ours, answering) and where its log is.
 
     Exit 0 when all are healthy, 1 when local mode is down or a component is not.
@@ -150,7 +152,9 @@ def status(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False
     else:
         _components_table(out, result)
     if not result.healthy:
-        raise typer.Exit(1)
+        from gpuctl.errors import EXIT_FAILED
+
+        raise typer.Exit(EXIT_FAILED)
 
 
 # --- gpuctl local comfyui --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from gpuctl.cli import state
-from gpuctl.cli._output import OutputOpt, QuietOpt
+from gpuctl.cli._output import OutputOpt, ask, quiet_opt
 
 __all__ = ["app"]
 
@@ -16,7 +16,8 @@ app = typer.Typer(help="Inspect the job queue, redrive its dead letters, purge i
 
 
 @app.command("stats")
-def stats(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+def stats(ctx: typer.Context, output: OutputOpt = None,
+          quiet: Annotated[bool, quiet_opt("the number of visible messages")] = False) -> None:
     """Show the queue's counts: visible, in flight, delayed, and the dead-letter queue's depth.
 
     SQS counts are approximate and lag by a few seconds.
@@ -44,7 +45,8 @@ def stats(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False)
 
 
 @app.command("redrive")
-def redrive(ctx: typer.Context, output: OutputOpt = None, quiet: QuietOpt = False) -> None:
+def redrive(ctx: typer.Context, output: OutputOpt = None,
+            quiet: Annotated[bool, quiet_opt("the number of messages moved")] = False) -> None:
     """Move the dead-letter queue's messages back to the job queue.
 
     Uses SQS's StartMessageMoveTask where available, else receives, re-sends and deletes them.
@@ -74,11 +76,11 @@ def purge(
     ctx: typer.Context,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the URL of the queue purged")] = False,
 ) -> None:
     """Delete every message in the job queue; the jobs they carried end failed. Asks first unless --yes.
 
-    Without a terminal to ask on, --yes is required (exit 2 otherwise).
+    Without a terminal to ask on, --yes is required (exit 2 otherwise); answering no exits 2 too.
 
     Examples:
 
@@ -86,7 +88,7 @@ def purge(
 
         gpuctl queue purge --yes
     """
-    from gpuctl.errors import Conflict, UsageError
+    from gpuctl.errors import Cancelled, UsageError
     from gpuctl.services.queue import purge_queue
 
     out, gw = state(ctx).renderer(output, quiet), state(ctx).gateways
@@ -94,8 +96,8 @@ def purge(
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError("Refusing to purge the queue without confirmation: pass --yes.")
-        if not typer.confirm(f"Delete every message in {queue_url}?", default=False, err=True):
-            raise Conflict("Not purged; nothing was deleted.")
+        if not ask(f"Delete every message in {queue_url}?"):
+            raise Cancelled("Not purged: nothing was deleted.")
     failed = purge_queue(gw)
     if out.json:
         out.data({"queue_url": queue_url, "purged": True, "jobs_failed": failed})

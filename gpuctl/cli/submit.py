@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -10,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gpuctl.cli import state
-from gpuctl.cli._output import OutputOpt, QuietOpt, Renderer, err_console
+from gpuctl.cli._output import OutputOpt, Renderer, clean, err_console, quiet_opt
 
 if TYPE_CHECKING:
     from gpuctl.services.instance import StartOutcome
@@ -26,29 +25,35 @@ app = typer.Typer(
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (default: the model's).")]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="Follow the job until it completes or fails.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="With --wait: give up after S seconds (exit 3).")]
-DownloadOpt = Annotated[Path | None, typer.Option("--download", help="With --wait: save the result here.",
-                                                  dir_okay=True, writable=True)]
+DownloadOpt = Annotated[str | None, typer.Option("--download", help="With --wait: save the result here (a file, "
+                                                 "or a folder ending in / for <job id>.png).", show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="With --download: overwrite an existing file.")]
 KeyOpt = Annotated[str | None, typer.Option("--idempotency-key",
                                             help="Submitting again with the same key returns the same job.")]
 NoStartOpt = Annotated[bool, typer.Option("--no-start", help="Queue only; do not start the GPU instance.")]
 RequireOpt = Annotated[bool, typer.Option("--require-instance",
-                                          help="Fail (exit 4) if the GPU instance cannot be started.")]
+                                          help="Exit 4 (the job id still printed) if the GPU instance cannot be "
+                                               "started.")]
+QuietJob = Annotated[bool, quiet_opt("the job id")]
 
 
 @app.callback()
 def submit(
     ctx: typer.Context,
-    from_file: Annotated[Path | None, typer.Option("--from", help="Submit every row of a JSONL or CSV file.")]
-    = None,
+    from_file: Annotated[Path | None, typer.Option("--from", help="Submit every row of a JSONL or CSV file.",
+                                                   show_default=False)] = None,
     no_start: NoStartOpt = False,
     require_instance: RequireOpt = False,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the job ids, one line per row in row order ('-' for a row not queued)")]
+    = False,
 ) -> None:
     """Submit a job: `gpuctl submit camera-angle IMG` or `gpuctl submit qwen-image-edit IMG --prompt P`.
 
     With --from FILE, every row of a JSONL or CSV file is one job (columns: job_type, image, and the
-    job type's options). All rows are checked first; if any is bad, nothing is submitted.
+    job type's options). All rows, and every s3:// or https:// input, are checked first; if any is bad,
+    nothing is submitted (exit 2). Exit 1 when some rows could not be queued; Ctrl-C stops after the
+    rows being written (their ids are printed, the rest is not submitted; exit 130).
 
     Examples:
 
@@ -56,18 +61,27 @@ def submit(
 
         gpuctl submit --from jobs.jsonl -q > job-ids.txt
     """
+    from gpuctl.errors import UsageError
+
     if ctx.invoked_subcommand is not None:
+        if from_file is not None:
+            raise UsageError("--from submits the jobs of a file; give either --from FILE or a job type.")
         return
     if from_file is None:
-        typer.echo(ctx.get_help(), err=True)
-        raise typer.Exit(2)
+        raise UsageError("Give a job type and an image (gpuctl submit camera-angle IMAGE), or --from FILE; "
+                         "`gpuctl submit --help` lists the options.")
+    from gpuctl.cli._signals import SignalGuard
     from gpuctl.services.submit import submit_batch
 
     out = state(ctx).renderer(output, quiet)
-    with _upload_progress(out) as progress:
-        result = submit_batch(state(ctx).gateways, from_file, start_instance=not no_start,
-                              require_instance=require_instance, on_progress=progress)
-    _render_batch(out, result)
+    with SignalGuard() as guard:
+        with _upload_progress(out) as progress:
+            result = submit_batch(state(ctx).gateways, from_file, start_instance=not no_start,
+                                  require_instance=require_instance, on_progress=progress, guard=guard)
+        with guard.deferred():  # an interrupt now must not cut the list of queued ids short
+            _print_batch(out, result)
+    result.interrupted = result.interrupted or guard.pending
+    _raise_for_batch(result)
 
 
 @app.command("camera-angle")
@@ -85,11 +99,12 @@ def camera_angle(
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 900.0,
     download: DownloadOpt = None,
+    force: ForceOpt = False,
     idempotency_key: KeyOpt = None,
     no_start: NoStartOpt = False,
     require_instance: RequireOpt = False,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: QuietJob = False,
 ) -> None:
     """Re-shoot IMAGE from another camera angle.
 
@@ -106,7 +121,8 @@ def camera_angle(
     fields = {"prompt": prompt, "vertical": vertical, "horizontal": horizontal, "zoom": zoom,
               "seed": seed, "steps": steps}
     _submit_one(ctx, "camera-angle", image, fields, {}, wait=wait, timeout=timeout, download=download,
-                key=idempotency_key, no_start=no_start, require=require_instance, output=output, quiet=quiet)
+                force=force, key=idempotency_key, no_start=no_start, require=require_instance, output=output,
+                quiet=quiet)
 
 
 @app.command("qwen-image-edit")
@@ -125,11 +141,12 @@ def qwen_image_edit(
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 900.0,
     download: DownloadOpt = None,
+    force: ForceOpt = False,
     idempotency_key: KeyOpt = None,
     no_start: NoStartOpt = False,
     require_instance: RequireOpt = False,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: QuietJob = False,
 ) -> None:
     """Edit IMAGE as the prompt says (Qwen-Image-Edit), with up to two reference images.
 
@@ -143,49 +160,67 @@ def qwen_image_edit(
               "denoise": denoise, "seed": seed}
     extra = {k: v for k, v in (("image2_url", image2), ("image3_url", image3)) if v is not None}
     _submit_one(ctx, "qwen-image-edit", image, fields, extra, wait=wait, timeout=timeout, download=download,
-                key=idempotency_key, no_start=no_start, require=require_instance, output=output, quiet=quiet)
+                force=force, key=idempotency_key, no_start=no_start, require=require_instance, output=output,
+                quiet=quiet)
 
 
 def _submit_one(ctx: typer.Context, kind: str, image: str, fields: dict[str, Any], extra: dict[str, str], *,
-                wait: bool, timeout: float, download: Path | None, key: str | None, no_start: bool,
+                wait: bool, timeout: float, download: str | None, force: bool, key: str | None, no_start: bool,
                 require: bool, output: Any, quiet: bool) -> None:
-    """The shared body of both job-type commands: draft, submit, render, and optionally follow."""
-    from gpuctl.errors import UsageError
+    """The shared body of both job-type commands: check every option, draft, submit, render, optionally follow."""
+    from gpuctl.cli._signals import SignalGuard
+    from gpuctl.errors import Interrupted, UsageError
     from gpuctl.inputs import ImageLimits
     from gpuctl.models import JobType
+    from gpuctl.services.jobs import download_target
     from gpuctl.services.submit import draft_job, submit_draft
+    from gpuctl.services.watch import check_wait_options
 
+    # Every option is checked before anything is written: a bad --timeout must not leave a queued job behind.
     if download is not None and not wait:
         raise UsageError("--download needs --wait (the result exists only once the job completes).")
+    if wait:
+        check_wait_options(timeout)
+    target = download_target(download, overwrite=force) if download is not None else None
     app_state = state(ctx)
     out = app_state.renderer(output, quiet)
     limits = ImageLimits.from_settings(app_state.settings)
     draft = draft_job(JobType(kind), image, fields, limits=limits, extra_images=extra)
-    with _upload_progress(out) as progress:
-        result = submit_draft(app_state.gateways, draft, idempotency_key=key, start_instance=not no_start,
-                              require_instance=require, on_progress=progress)
-    _render_submitted(out, result, lines=wait)
+    with SignalGuard() as guard:
+        with _upload_progress(out) as progress:
+            result = submit_draft(app_state.gateways, draft, idempotency_key=key, start_instance=not no_start,
+                                  require_instance=require, on_progress=progress, guard=guard)
+        with guard.deferred():  # an interrupt now must not keep the job id from being printed
+            _render_submitted(out, result, lines=wait)
+        interrupted = result.interrupted or guard.pending
+    if result.interrupted:
+        raise Interrupted(f"Interrupted: job {result.record.task_id} is queued, but the instance was not started "
+                          "(the scheduler starts it).")
+    if interrupted:
+        raise Interrupted(f"Interrupted: job {result.record.task_id} is queued.")
+    if result.instance_error is not None:
+        raise result.instance_error
     if wait:
         from gpuctl.cli.jobs import follow
 
-        follow(ctx, [result.record.task_id], timeout=timeout, download=download, out=out)
+        follow(ctx, [result.record.task_id], timeout=timeout, download=target, out=out)
 
 
-def _instance_doc(outcome: StartOutcome | None) -> dict[str, Any] | None:
+def _instance_doc(outcome: StartOutcome | None, polling: bool) -> dict[str, Any] | None:
     if outcome is None:
         return None
-    return {"action": outcome.action, "state": outcome.state, "warning": outcome.warning}
+    return {"action": outcome.action, "state": outcome.state, "warning": outcome.warning, "adapter_polling": polling}
 
 
 def _render_submitted(out: Renderer, result: SubmitResult, *, lines: bool = False) -> None:
     """The submitted job; with ``lines`` (--wait) JSON goes out as one line, as the watch lines that follow."""
-    if result.instance is not None and result.instance.warning:
+    if result.instance is not None and result.instance.warning and result.instance_error is None:
         out.warn(result.instance.warning)
     if out.json:
         doc = {**result.record.status_document(), "reused": result.reused,
-               "instance": _instance_doc(result.instance)}
+               "instance": _instance_doc(result.instance, result.adapter_polling)}
         if lines:
-            typer.echo(json.dumps(doc, ensure_ascii=False))
+            out.line(doc)
         else:
             out.data(doc)
         return
@@ -194,25 +229,50 @@ def _render_submitted(out: Renderer, result: SubmitResult, *, lines: bool = Fals
         out.note(f"Job {result.record.task_id} already exists for this idempotency key "
                  f"({result.record.status.value}); nothing new was queued.")
         return
-    started = {"started": "starting the GPU instance", "already-running": "the GPU instance is running"}
-    tail = started.get(result.instance.action, "") if result.instance else "instance not started (--no-start)"
-    out.note(f"Queued {result.record.kind} job {result.record.task_id}" + (f"; {tail}." if tail else "."))
+    tail = _instance_note(result.instance, result.adapter_polling)
+    out.note(f"Queued {result.record.kind} job {result.record.task_id}{tail}.")
 
 
-def _render_batch(out: Renderer, result: BatchResult) -> None:
-    if result.instance is not None and result.instance.warning:
+def _instance_note(outcome: StartOutcome | None, polling: bool) -> str:
+    if polling:
+        return "; an adapter is polling the queue (the GPU instance is running)"
+    if outcome is None:
+        return "; the GPU instance was not started (--no-start)"
+    notes = {"started": "; starting the GPU instance", "already-running": "; the GPU instance is running"}
+    return notes.get(outcome.action, "")
+
+
+def _print_batch(out: Renderer, result: BatchResult) -> None:
+    if result.instance is not None and result.instance.warning and result.instance_error is None:
         out.warn(result.instance.warning)
     for failure in result.failures:
-        err_console().print(f"[bold red]Row {failure.row}:[/] {failure.message}", highlight=False, soft_wrap=True)
+        err_console().print(f"Row {failure.row}: {clean(failure.message)}", markup=False, highlight=False,
+                            soft_wrap=True)
+    total, queued = len(result.job_ids), result.queued
     if out.json:
         out.data({"job_ids": result.job_ids,
                   "failures": [{"row": f.row, "error": f.message} for f in result.failures],
-                  "instance": _instance_doc(result.instance)})
+                  "interrupted": result.interrupted, "unsubmitted": result.unsubmitted,
+                  "instance": _instance_doc(result.instance, result.adapter_polling)})
     else:
         out.ids(job_id or "-" for job_id in result.job_ids)
-        out.note(f"Queued {sum(1 for j in result.job_ids if j)} of {len(result.job_ids)} jobs.")
+        out.note(f"Queued {queued} of {total} jobs{_instance_note(result.instance, result.adapter_polling)}."
+                 if queued else f"Queued none of the {total} jobs.")
+
+
+def _raise_for_batch(result: BatchResult) -> None:
+    """The exit code of a batch: 130 interrupted, 1 when rows were not queued, 4 when --require-instance failed."""
+    from gpuctl.errors import Interrupted, PartialFailure
+
+    total, queued = len(result.job_ids), result.queued
+    if result.interrupted:
+        raise Interrupted(f"Interrupted: {queued} of {total} jobs were queued (their ids are on stdout); "
+                          f"{result.unsubmitted} rows were not submitted.")
     if result.failures:
-        raise typer.Exit(1)
+        raise PartialFailure(f"{len(result.failures)} of {total} rows were not queued (each is listed above); "
+                             f"the other {queued} jobs are queued.")
+    if result.instance_error is not None:
+        raise result.instance_error
 
 
 def _upload_progress(out: Renderer) -> AbstractContextManager[Progress | None]:

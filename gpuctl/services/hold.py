@@ -21,6 +21,7 @@ from gpuctl.services.instance import (
     STOPPED_BY_TAG,
     STOPPED_REASON_TAG,
 )
+from gpuctl.times import parse_time, stamp
 
 if TYPE_CHECKING:
     from gpuctl.services.context import Gateways
@@ -32,10 +33,6 @@ log = logging.getLogger(__name__)
 
 #: A forgotten hold keeps a GPU running; a longer one has to be renewed on purpose.
 MAX_HOLD_SECONDS = 7 * 86400
-
-
-def _iso(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -86,8 +83,7 @@ class Hold:
         return {
             "instance_id": self.instance_id,
             "state": self.state,
-            "hold_until": None if self.until is None else int(self.until),
-            "hold_until_iso": None if self.until is None else _iso(self.until),
+            **stamp("hold_until", None if self.until is None else int(self.until)),
             "hold_reason": self.reason,
             "hold_warning": self.warning,
         }
@@ -109,7 +105,8 @@ class StopRecord:
 
     def document(self) -> dict[str, Any]:
         return {"instance_id": self.instance_id, "state": self.state, "recorded": self.recorded,
-                "stopped_at": self.stopped_at, "stopped_reason": self.reason, "stopped_by": self.stopped_by}
+                **stamp("stopped_at", parse_time(self.stopped_at)), "stopped_reason": self.reason,
+                "stopped_by": self.stopped_by}
 
 
 def parse_hold_duration(value: str) -> float:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gpuctl.errors import GpuctlError
+from gpuctl.times import parse_time, stamp
 
 if TYPE_CHECKING:
     from gpuctl.services.context import Gateways
@@ -145,12 +146,13 @@ class InstanceStatus:
             "busy": self.busy,
             "queue": {"visible": w.visible, "in_flight": w.in_flight, "delayed": w.delayed, "dlq": w.dlq},
             "jobs": {"pending": w.pending, "processing": w.processing, "count_cap": COUNT_CAP},
-            "hold_until": self.tags.get(HOLD_UNTIL_TAG),
+            # Times as gpuctl.times has them (epoch seconds + _iso), whatever format the tag holds.
+            **stamp("hold_until", parse_time(self.tags.get(HOLD_UNTIL_TAG))),
             "hold_reason": self.tags.get(HOLD_REASON_TAG),
             **stamp("hold_effective_until", self.hold_effective_until),
             "hold_warning": self.hold_warning,
-            "started_at": self.tags.get(STARTED_AT_TAG),
-            "stopped_at": self.tags.get(STOPPED_AT_TAG),
+            **stamp("started_at", parse_time(self.tags.get(STARTED_AT_TAG))),
+            **stamp("stopped_at", parse_time(self.tags.get(STOPPED_AT_TAG))),
             "stopped_reason": self.tags.get(STOPPED_REASON_TAG),
             "stopped_by": self.tags.get(STOPPED_BY_TAG),
         }

@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
-import heapq
+import base64
+import json
+import logging
+import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from gpuctl.errors import Conflict, UsageError
+from gpuctl.inputs import display
 from gpuctl.models import CANCEL_MESSAGE, JobRecord, JobStatus, JobType, parse_request
 
 if TYPE_CHECKING:
+    from gpuctl.aws.dynamo import JobTable
     from gpuctl.services.context import Gateways
     from gpuctl.services.submit import SubmitResult
 
 __all__ = [
     "CANCEL_MESSAGE",
+    "MAX_LIMIT",
     "CancelOutcome",
+    "DownloadTarget",
+    "JobPage",
     "ResultFile",
     "cancel_job",
     "download_result",
+    "download_target",
     "get_job",
     "list_jobs",
     "parse_job_id",
@@ -33,6 +43,11 @@ __all__ = [
     "result_url",
     "retry_job",
 ]
+
+log = logging.getLogger(__name__)
+
+#: The largest page `jobs list` returns at once; --next-token continues it.
+MAX_LIMIT = 1000
 
 _SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -102,25 +117,121 @@ def get_job(gw: Gateways, job_id: str) -> JobRecord:
     return gw.table.get(parse_job_id(job_id))
 
 
-def list_jobs(
-    gw: Gateways, *, status: str | None = None, since: str | None = None, limit: int = 50
-) -> list[JobRecord]:
-    """Jobs newest first from the status GSI (never a scan).
+@dataclass(frozen=True)
+class JobPage:
+    """One page of a listing, and the token that continues it (None: this was the last page)."""
 
-    Without a status every status is queried, each for at most ``limit`` items, and the lists are
-    merged: the newest ``limit`` overall are among the newest ``limit`` of each status.
+    records: list[JobRecord]
+    next_token: str | None
+
+
+class _Stream:
+    """One status's jobs from the index, newest first, read page by page only as the merge needs them."""
+
+    def __init__(self, table: JobTable, status: JobStatus, since: float | None, position: Any) -> None:
+        self.table, self.status, self.since = table, status, since
+        self.done = position == "done"
+        start = (str(position[0]), str(position[1])) if isinstance(position, list) else None
+        self.shown_after = start  # the last job shown: where a next page starts
+        self._fetch_after = start  # the last job read: where the next Query starts
+        self.buffer: deque[tuple[JobRecord, tuple[str, str]]] = deque()
+        self.read = 0
+
+    @property
+    def head(self) -> JobRecord:
+        return self.buffer[0][0]
+
+    def fill(self, size: int) -> None:
+        if self.buffer or self.done:
+            return
+        jobs, more = self.table.query_page(self.status, limit=max(1, size), since=self.since,
+                                           after=self._fetch_after)
+        self.read += len(jobs)
+        self.buffer.extend(jobs)
+        if jobs:
+            self._fetch_after = jobs[-1][1]
+        self.done = not more or not jobs
+
+    def pop(self) -> JobRecord:
+        record, position = self.buffer.popleft()
+        self.shown_after = position
+        return record
+
+    def position(self) -> Any:
+        """Where the next page starts: after the last job shown (None: from the top), or "done"."""
+        if self.done and not self.buffer:
+            return "done"
+        return list(self.shown_after) if self.shown_after else None
+
+
+def _encode_token(status: JobStatus | None, since: float | None, positions: dict[str, Any]) -> str:
+    raw = json.dumps({"v": 1, "status": status.value if status else None, "since": since, "pos": positions},
+                     separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> dict[str, Any]:
+    bad = UsageError("--next-token is not a token that `gpuctl jobs list` printed.")
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.strip() + "=" * (-len(token.strip()) % 4)))
+    except (ValueError, TypeError):
+        raise bad from None
+    if not isinstance(data, dict) or data.get("v") != 1 or not isinstance(data.get("pos"), dict):
+        raise bad
+    for value in data["pos"].values():
+        if not (value is None or value == "done" or (isinstance(value, list) and len(value) == 2 and
+                                                      all(isinstance(v, str) for v in value))):
+            raise bad
+    return data
+
+
+def list_jobs(
+    gw: Gateways, *, status: str | None = None, since: str | None = None, limit: int = 50,
+    next_token: str | None = None,
+) -> JobPage:
+    """Jobs newest first from the status GSI (never a scan), one page at a time.
+
+    Without a status the four statuses are merged newest first, each read page by page only as far as the merge
+    needs it: the first Query per status asks for a quarter of ``limit``, later ones for a share of what is still
+    missing. So a listing reads at most about twice ``limit`` items (the page shown plus one page of look-ahead
+    spread over the statuses), whatever the table holds. ``next_token`` continues where an earlier page ended.
 
     Raises:
-        UsageError: a bad status, age or limit.
+        UsageError: a bad status, age, limit or token.
     """
     if limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {limit}).")
+    if limit > MAX_LIMIT:
+        raise UsageError(f"--limit may be at most {MAX_LIMIT} (got {limit}); use --next-token for more.")
     wanted = parse_status(status)
     lower = parse_since(since)
-    statuses: Iterable[JobStatus] = [wanted] if wanted else list(JobStatus)
-    streams = [gw.table.query_status(s, since=lower, limit=limit) for s in statuses]
-    merged = heapq.merge(*streams, key=lambda r: r.created_at, reverse=True)
-    return [record for _, record in zip(range(limit), merged, strict=False)]
+    positions: dict[str, Any] = {}
+    if next_token:
+        state = _decode_token(next_token)
+        if status is not None and state.get("status") != (wanted.value if wanted else None):
+            raise UsageError("--next-token continues a listing with another --status; give the same --status.")
+        wanted = parse_status(state.get("status"))
+        lower = state.get("since")
+        positions = state["pos"]
+    statuses = [wanted] if wanted else list(JobStatus)
+    streams = [_Stream(gw.table, s, lower, positions.get(s.value)) for s in statuses]
+    share = -(-limit // len(streams))
+    for stream in streams:
+        stream.fill(share)
+    records: list[JobRecord] = []
+    while len(records) < limit:
+        live = [s for s in streams if s.buffer]
+        if not live:
+            break
+        newest = max(live, key=lambda s: s.head.created_at)
+        records.append(newest.pop())
+        if not newest.buffer and not newest.done:
+            active = sum(1 for s in streams if not (s.done and not s.buffer))
+            newest.fill(-(-(limit - len(records)) // max(1, active)))
+    log.info("jobs.list", extra={"items_read": sum(s.read for s in streams), "returned": len(records)})
+    if all(s.position() == "done" for s in streams):
+        return JobPage(records, None)
+    return JobPage(records, _encode_token(wanted, lower, {s.status.value: s.position() for s in streams}))
 
 
 @dataclass(frozen=True)
@@ -223,21 +334,60 @@ def _result_object(gw: Gateways, record: JobRecord) -> tuple[str, str]:
     return gw.settings.require("bucket"), key
 
 
+@dataclass(frozen=True)
+class DownloadTarget:
+    """Where a result goes: a file, or a folder in which it is saved as ``<job id>.<ext>``."""
+
+    path: Path
+    folder: bool
+    overwrite: bool
+
+    def file_for(self, job_id: str, key: str) -> Path:
+        if not self.folder:
+            return self.path
+        return self.path / f"{job_id}{PurePosixPath(key).suffix or '.png'}"
+
+
+def download_target(dest: str | Path | None, *, overwrite: bool = False) -> DownloadTarget:
+    """Where ``-o DEST`` saves a result: an existing folder or a path ending in ``/`` is a folder (created when
+    missing), anything else is the file to write. Checked before any network call.
+
+    Raises:
+        UsageError: the file exists and ``overwrite`` is not set, or DEST is not somewhere a file can go.
+    """
+    raw = str(dest) if dest is not None else "."
+    path = Path(raw).expanduser()
+    folder = raw.endswith(("/", os.sep)) or path.is_dir()
+    shown = display(str(path))
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{shown} is not a folder.")
+        return DownloadTarget(path, True, overwrite)
+    if path.exists() and not overwrite:
+        raise UsageError(f"{shown} already exists; pass --force to overwrite it.")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UsageError(f"{display(str(path.parent))} is not a folder.")
+    return DownloadTarget(path, False, overwrite)
+
+
 def download_result(
-    gw: Gateways, job_id: str, dest: Path | None = None, *, on_progress: DownloadProgress | None = None
+    gw: Gateways, job_id: str, dest: DownloadTarget | str | Path | None = None, *,
+    on_progress: DownloadProgress | None = None,
 ) -> ResultFile:
-    """Download a completed job's result to ``dest`` (a file, or a folder to put it in; default ``.``).
+    """Download a completed job's result to ``dest`` (a file, or a folder to put ``<job id>.png`` in; default
+    ``.``). A plain path overwrites an existing file; pass a :func:`download_target` to refuse that.
 
     Raises:
         NotFound: no such job, or its result object is gone.
         Conflict: the job has not completed.
+        UsageError: the file exists (a target made without ``overwrite``).
     """
+    target = dest if isinstance(dest, DownloadTarget) else download_target(dest, overwrite=True)
     record = _completed(gw, job_id)
     bucket, key = _result_object(gw, record)
-    name = PurePosixPath(key).name or f"{record.task_id}.png"
-    target = dest if dest is not None else Path.cwd()
-    if target.is_dir():
-        target = target / name
+    path = target.file_for(record.task_id, key)
+    if path.exists() and not target.overwrite:
+        raise UsageError(f"{display(str(path))} already exists; pass --force to overwrite it.")
     size = gw.store.size(bucket, key)
     callback = None
     if on_progress is not None:
@@ -248,8 +398,8 @@ def download_result(
             done += n
             on_progress(done, size)
 
-    gw.store.download_file(bucket, key, target, on_progress=callback)
-    return ResultFile(record.task_id, record.result_s3_uri or "", target, size)
+    gw.store.download_file(bucket, key, path, on_progress=callback)
+    return ResultFile(record.task_id, record.result_s3_uri or "", path, size)
 
 
 def result_url(gw: Gateways, job_id: str) -> str:

@@ -8,6 +8,7 @@ a change snaps it back. It is a watch loop bounded by a deadline, not a retry lo
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from gpuctl.models import JobRecord, JobStatus
 if TYPE_CHECKING:
     from gpuctl.aws.dynamo import JobTable
 
-__all__ = ["WatchResult", "watch_jobs"]
+__all__ = ["WatchResult", "check_wait_options", "watch_jobs"]
 
 _GROWTH = 1.5
 
@@ -31,6 +32,10 @@ class WatchResult:
     records: list[JobRecord]
     timed_out: bool
     elapsed: float
+
+    @property
+    def cancelled(self) -> list[JobRecord]:
+        return [r for r in self.records if r.cancelled]
 
     @property
     def failed(self) -> list[JobRecord]:
@@ -45,6 +50,18 @@ def _signature(record: JobRecord) -> tuple[Any, ...]:
     # What a watcher cares about; heartbeats alone (updated_at) are not a change.
     return (record.status, record.progress, record.result_s3_uri, record.error_message,
             record.cancel_requested)
+
+
+def check_wait_options(timeout: float | None, interval: float = 1.0, max_interval: float = 5.0) -> None:
+    """``--timeout`` and ``--interval`` as a wait needs them: positive, finite numbers.
+
+    Raises:
+        UsageError: naming the option.
+    """
+    if not math.isfinite(interval) or interval <= 0 or max_interval < interval:
+        raise UsageError(f"--interval must be a positive number of seconds, at most {max_interval:g}.")
+    if timeout is not None and (not math.isfinite(timeout) or timeout <= 0):
+        raise UsageError("--timeout must be a positive number of seconds.")
 
 
 def watch_jobs(
@@ -69,10 +86,7 @@ def watch_jobs(
     """
     from gpuctl.services.jobs import parse_job_id
 
-    if interval <= 0 or max_interval < interval:
-        raise UsageError("--interval must be positive (and at most the maximum interval).")
-    if timeout is not None and timeout <= 0:
-        raise UsageError("--timeout must be positive.")
+    check_wait_options(timeout, interval, max_interval)
     ids = list(dict.fromkeys(parse_job_id(j) for j in job_ids))
     start = clock()
     deadline = None if timeout is None else start + timeout

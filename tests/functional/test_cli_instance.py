@@ -32,7 +32,8 @@ def test_status_reports_state_queue_and_busy_verdict(server_aws: Resources) -> N
     assert (doc["state"], doc["instance_type"], doc["busy"]) == ("stopped", "g5.xlarge", True)
     assert doc["queue"] == {"visible": 1, "in_flight": 0, "delayed": 0, "dlq": 0}
     assert doc["jobs"]["pending"] == 0 and doc["jobs"]["processing"] == 0
-    assert doc["hold_until"] == "2099-01-01T00:00:00Z"
+    assert (doc["hold_until"], doc["hold_until_iso"]) == (4070908800, "2099-01-01T00:00:00Z")
+    assert "hold until    2099-01-01T00:00:00Z (in " in text.stdout
     assert "busy" in text.stdout and "1 message waiting in the queue" in text.stdout
 
 

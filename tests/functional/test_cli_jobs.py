@@ -91,7 +91,8 @@ OFFLINE_ENV = {"GPUCTL_REGION": REGION, "GPUCTL_ENDPOINT_URL": "http://127.0.0.1
         pytest.param(["jobs", "list", "--status", "done"], None, "Unknown status 'done'", id="bad-status"),
         pytest.param(["jobs", "list", "--since", "3 fortnights"], None, "is not a duration", id="bad-since"),
         pytest.param(["jobs", "list", "--limit", "0"], None, "--limit must be at least 1", id="bad-limit"),
-        pytest.param(["watch", MISSING_ID, "--timeout", "-1"], None, "--timeout must be positive", id="bad-timeout"),
+        pytest.param(["watch", MISSING_ID, "--timeout", "-1"], None, "--timeout must be a positive number",
+                     id="bad-timeout"),
         pytest.param(["result", MISSING_ID, "--url", "-o", "x.png"], None, "either --url or --output-file",
                      id="url-and-file"),
     ],
@@ -135,11 +136,17 @@ def test_jobs_list_merges_statuses_newest_first_and_applies_limit(server_aws: Re
                                            JobStatus.PROCESSING, JobStatus.PENDING])]
     # WHEN listed with a limit of 3
     proc = run_cli(["jobs", "list", "--limit", "3", "--output", "json"], server_aws.env())
-    # THEN the three newest come back, newest first, as status documents
+    # THEN the three newest come back, newest first, as status documents, with a token for the rest
     assert proc.returncode == 0, proc.stderr
-    docs = json.loads(proc.stdout)
+    page = json.loads(proc.stdout)
+    docs = page["jobs"]
     assert [d["job_id"] for d in docs] == [r.task_id for r in reversed(records)][:3]
     assert [d["status"] for d in docs] == ["pending", "processing", "failed"]
+    rest = run_cli(["jobs", "list", "--limit", "3", "--next-token", page["next_token"], "-o", "json"],
+                   server_aws.env())
+    assert rest.returncode == 0, rest.stderr
+    assert [d["job_id"] for d in json.loads(rest.stdout)["jobs"]] == [r.task_id for r in reversed(records)][3:]
+    assert json.loads(rest.stdout)["next_token"] is None
 
 
 def test_jobs_list_filters_by_status_and_age_and_prints_ids_quietly(server_aws: Resources) -> None:
@@ -253,7 +260,7 @@ def test_cdn_result_is_fetched_from_the_results_bucket(gateways: Any, aws: Resou
     done = _local(gateways, JobStatus.COMPLETED, result_s3_uri="https://d123.cloudfront.net/results/j/out.png")
     progress: list[tuple[int, int]] = []
     saved = download_result(gateways, done.task_id, tmp_path, on_progress=lambda d, t: progress.append((d, t)))
-    assert saved.path == tmp_path / "out.png"
+    assert saved.path == tmp_path / f"{done.task_id}.png"
     assert saved.path.read_bytes() == b"cdn bytes"
     assert progress[-1] == (9, 9)
     assert result_url(gateways, done.task_id) == "https://d123.cloudfront.net/results/j/out.png"

@@ -5,20 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import boto3
 import pytest
 
-from tests.helpers import Resources, make_image, run_cli
+from tests.helpers import Resources, emulator_counts, make_image, png_bytes, put_object, run_cli
 
 
 def _counts(res: Resources) -> tuple[int, int, int]:
-    """(messages queued, job records, uploaded objects) in the emulator."""
-    kw = {"endpoint_url": res.endpoint_url, "region_name": "us-east-1"}
-    sqs = boto3.client("sqs", **kw)
-    attrs = sqs.get_queue_attributes(QueueUrl=res.queue_url, AttributeNames=["ApproximateNumberOfMessages"])
-    items = boto3.client("dynamodb", **kw).scan(TableName=res.table_name, Select="COUNT")["Count"]
-    objects = boto3.client("s3", **kw).list_objects_v2(Bucket=res.bucket).get("KeyCount", 0)
-    return int(attrs["Attributes"]["ApproximateNumberOfMessages"]), items, objects
+    """(messages queued, job records, objects in the bucket) in the emulator."""
+    counts = emulator_counts(res)
+    return counts.messages, counts.records, counts.objects
 
 
 def test_submit_json_output_and_instance_start(server_aws: Resources, tmp_path: Path) -> None:
@@ -36,8 +31,8 @@ def test_submit_json_output_and_instance_start(server_aws: Resources, tmp_path: 
 
 def test_submit_quiet_prints_the_bare_id(server_aws: Resources) -> None:
     """`-q` prints the job id alone: usable as JOB=$(gpuctl submit … -q)."""
-    proc = run_cli(["submit", "qwen-image-edit", "s3://bucket/in.png", "--prompt", "sketch", "-q", "--no-start"],
-                   server_aws.env())
+    uri = put_object(server_aws, "in.png", png_bytes())
+    proc = run_cli(["submit", "qwen-image-edit", uri, "--prompt", "sketch", "-q", "--no-start"], server_aws.env())
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stdout.splitlines()
     assert len(line) == 36 and line.count("-") == 4
@@ -70,6 +65,12 @@ def test_submit_from_file_prints_one_id_per_row(server_aws: Resources, tmp_path:
         pytest.param(["submit", "qwen-image-edit", "{tmp}/ok.png"], 2, "Missing option '--prompt'",
                      id="missing-prompt"),
         pytest.param(["submit", "--from", "{tmp}/none.jsonl"], 2, "does not exist", id="missing-batch-file"),
+        pytest.param(["submit", "camera-angle", "s3://gpuctl-test-bucket/nope.png"], 2,
+                     "The image s3://gpuctl-test-bucket/nope.png does not exist.", id="missing-s3-key"),
+        pytest.param(["submit", "camera-angle", "https://does-not-resolve.invalid/a.png"], 2,
+                     "does not resolve", id="unresolvable-https-host"),
+        pytest.param(["submit", "camera-angle", "{tmp}/ok.png", "--wait", "--timeout", "-5"], 2,
+                     "--timeout must be a positive number of seconds", id="negative-timeout"),
         pytest.param(["submit", "qwen-image-edit", "{tmp}/ok.png", "--prompt", "p", "--download", "x.png"], 2,
                      "--download needs --wait", id="download-without-wait"),
     ],
@@ -91,19 +92,33 @@ def test_missing_setting_names_it_and_exits_2(server_aws: Resources, tmp_path: P
     """With no queue configured the message names SQS_QUEUE_URL and how to set it."""
     env = server_aws.env()
     env.pop("GPUCTL_QUEUE_URL")
-    proc = run_cli(["submit", "qwen-image-edit", "s3://b/k.png", "--prompt", "p"], env)
+    image = make_image(tmp_path / "in.png")
+    proc = run_cli(["submit", "qwen-image-edit", str(image), "--prompt", "p"], env)
     assert proc.returncode == 2
     assert "SQS_QUEUE_URL" in proc.stderr and "gpuctl config set queue_url" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert _counts(server_aws)[0] == 0
+    # nothing written: no record, no message, and no upload either (the setting is checked first)
+    assert _counts(server_aws) == (0, 0, 0)
 
 
 def test_missing_queue_fails_cleanly_and_leaves_no_pending_job(server_aws: Resources) -> None:
-    """A queue that does not exist: a clear error, and the record is failed (never an orphan pending)."""
+    """A queue that does not exist: a clear error naming the job, which is recorded failed (never a pending
+    orphan)."""
     env = server_aws.env()
     env["GPUCTL_QUEUE_URL"] = server_aws.queue_url.replace("gpu_tasks_queue", "nope")
-    proc = run_cli(["submit", "qwen-image-edit", "s3://b/k.png", "--prompt", "p", "--output", "json"], env)
+    uri = put_object(server_aws, "in.png", png_bytes())
+    proc = run_cli(["submit", "qwen-image-edit", uri, "--prompt", "p", "--output", "json"], env)
     assert proc.returncode == 1, proc.stderr
-    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert "could not be queued and is recorded as failed" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
     listing = run_cli(["jobs", "list", "--status", "pending", "--output", "json"], server_aws.env())
-    assert json.loads(listing.stdout) == []
+    assert json.loads(listing.stdout)["jobs"] == []
+
+
+def test_refused_local_submit_deletes_its_upload(server_aws: Resources, tmp_path: Path) -> None:
+    """A local-file submit whose record cannot be written (the table is gone) leaves no upload in S3."""
+    env = server_aws.env() | {"GPUCTL_TABLE_NAME": "deleted_table"}
+    image = make_image(tmp_path / "in.png")
+    proc = run_cli(["submit", "camera-angle", str(image), "--no-start"], env)
+    assert proc.returncode == 1 and "deleted_table does not exist" in proc.stderr, proc.stderr
+    assert _counts(server_aws) == (0, 0, 0)

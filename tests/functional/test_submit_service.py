@@ -8,15 +8,24 @@ from pathlib import Path
 import pytest
 from botocore.stub import Stubber
 
-from gpuctl.errors import GpuctlError, NotFound, UsageError
+from gpuctl.errors import InstanceNotStarted, NotFound, UsageError
 from gpuctl.inputs import ImageLimits
 from gpuctl.models import JobMessage, JobStatus, JobType
 from gpuctl.services.submit import draft_job, submit_batch, submit_draft
-from tests.helpers import make_image
+from tests.helpers import make_image, png_bytes
 
 MB = 1024 * 1024
 LIMITS = ImageLimits(MB, 40_000_000, 12000)
 LIMITS20 = ImageLimits(20 * MB, 40_000_000, 12000)
+S3_IN = "s3://gpuctl-test-bucket/in.jpg"
+
+
+@pytest.fixture(autouse=True)
+def _input_object(request: pytest.FixtureRequest) -> None:
+    """The s3:// input the tests submit exists (submit checks it with a HeadObject)."""
+    if "gateways" in request.fixturenames:
+        gw = request.getfixturevalue("gateways")
+        gw.store.put_bytes(png_bytes(), gw.settings.bucket, "in.jpg", content_type="image/png")
 
 
 def _messages(gateways) -> list[dict]:
@@ -50,7 +59,7 @@ def test_submit_local_image_uploads_records_queues_and_starts(gateways, tmp_path
 
 def test_seed_adapter_reads_only_the_three_contract_fields(gateways) -> None:
     """A message gpuctl writes is processable by a reader that knows only task_id/api_path/request_body."""
-    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "sketch"}, limits=LIMITS)
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, S3_IN, {"prompt": "sketch"}, limits=LIMITS)
     result = submit_draft(gateways, draft, start_instance=False)
     (message,) = _messages(gateways)
     seed_view = {k: message[k] for k in ("task_id", "api_path", "request_body")}
@@ -62,7 +71,7 @@ def test_seed_adapter_reads_only_the_three_contract_fields(gateways) -> None:
 
 def test_idempotency_key_returns_the_same_job_and_queues_nothing_new(gateways) -> None:
     """Submitting twice with one key gives one job and one message."""
-    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "sketch"}, limits=LIMITS)
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, S3_IN, {"prompt": "sketch"}, limits=LIMITS)
     first = submit_draft(gateways, draft, idempotency_key="ci-run-42", start_instance=False)
     second = submit_draft(gateways, draft, idempotency_key="ci-run-42", start_instance=False)
     assert second.reused and not first.reused
@@ -74,7 +83,7 @@ def test_enqueue_failure_marks_the_record_failed(gateways) -> None:
     """When the message cannot be queued the record ends failed with the reason (no orphan pending)."""
     # GIVEN a queue URL that does not exist
     gateways.queue.queue_url = gateways.settings.queue_url.replace("gpu_tasks_queue", "missing")
-    draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "sketch"}, limits=LIMITS)
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, S3_IN, {"prompt": "sketch"}, limits=LIMITS)
     # WHEN it is submitted THEN the error surfaces
     with pytest.raises(NotFound, match="does not exist"):
         submit_draft(gateways, draft, start_instance=False)
@@ -90,21 +99,119 @@ def test_capacity_error_keeps_the_job_queued_with_a_warning(gateways) -> None:
     with Stubber(ec2) as stub:
         stub.add_client_error("start_instances", service_error_code="InsufficientInstanceCapacity",
                               service_message="We currently do not have sufficient g5.xlarge capacity.")
-        draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "x"}, limits=LIMITS)
+        draft = draft_job(JobType.QWEN_IMAGE_EDIT, S3_IN, {"prompt": "x"}, limits=LIMITS)
         result = submit_draft(gateways, draft)
     assert result.instance is not None and result.instance.action == "failed"
     assert "InsufficientInstanceCapacity" in (result.instance.warning or "")
     assert len(_messages(gateways)) == 1
 
 
-def test_capacity_error_with_require_instance_raises_but_job_stays_queued(gateways) -> None:
-    """--require-instance turns the start failure into an error; the job itself is not lost."""
+def test_capacity_error_with_require_instance_is_an_error_but_job_stays_queued(gateways) -> None:
+    """--require-instance turns the start failure into an exit-4 error that names the queued job; the job itself
+    is not lost."""
     with Stubber(gateways.clients.ec2) as stub:
         stub.add_client_error("start_instances", service_error_code="InsufficientInstanceCapacity")
-        draft = draft_job(JobType.QWEN_IMAGE_EDIT, "s3://bucket/in.jpg", {"prompt": "x"}, limits=LIMITS)
-        with pytest.raises(GpuctlError, match="capacity"):
-            submit_draft(gateways, draft, require_instance=True)
+        draft = draft_job(JobType.QWEN_IMAGE_EDIT, S3_IN, {"prompt": "x"}, limits=LIMITS)
+        result = submit_draft(gateways, draft, require_instance=True)
+    assert isinstance(result.instance_error, InstanceNotStarted) and result.instance_error.exit_code == 4
+    assert f"Job {result.record.task_id} is queued" in str(result.instance_error)
+    assert "InsufficientInstanceCapacity" in str(result.instance_error)
     assert len(_messages(gateways)) == 1
+
+
+def test_a_polling_adapter_means_no_ec2_call_at_all(gateways) -> None:
+    """When the activity marker says an adapter polled within a minute, submit builds no EC2 client."""
+    import time
+
+    # GIVEN an adapter that reported itself running a second ago
+    gateways.table.note_adapter("gpu-1:42", state="running", jobs_in_hand=0, now=time.time() - 1)
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, S3_IN, {"prompt": "x"}, limits=LIMITS)
+    # WHEN a job is submitted
+    result = submit_draft(gateways, draft, require_instance=True)
+    # THEN it is queued, the instance counts as running, and EC2 was never touched
+    assert result.adapter_polling and result.instance is not None and result.instance.action == "already-running"
+    assert result.instance_error is None
+    assert "ec2" not in vars(gateways.clients) and "instance" not in vars(gateways)
+    assert len(_messages(gateways)) == 1
+    assert gateways.table.read_activity().last_submit_at is not None
+
+
+def test_a_stale_or_fenced_adapter_falls_back_to_ec2(gateways) -> None:
+    """An adapter seen 2 minutes ago, or one a stop was fenced after, does not count: the instance is started."""
+    import time
+
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, S3_IN, {"prompt": "x"}, limits=LIMITS)
+    gateways.table.note_adapter("gpu-1:42", state="running", jobs_in_hand=0, now=time.time() - 120)
+    stale = submit_draft(gateways, draft)
+    assert not stale.adapter_polling and stale.instance is not None and stale.instance.action == "started"
+    gateways.table.note_adapter("gpu-1:42", state="running", jobs_in_hand=0, now=time.time() - 2)
+    gateways.table.note_stop(now=time.time() - 1)
+    fenced = submit_draft(gateways, draft)
+    assert not fenced.adapter_polling and fenced.instance is not None
+
+
+def test_a_failing_activity_marker_never_fails_the_submit(gateways) -> None:
+    """If the marker UpdateItem is throttled (moto cannot throttle; Stubber can), the job stays queued and the
+    instance is started through EC2 as before."""
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, S3_IN, {"prompt": "x"}, limits=LIMITS)
+    with Stubber(gateways.clients.dynamodb) as stub:
+        stub.add_response("put_item", {})
+        stub.add_client_error("update_item", service_error_code="ProvisionedThroughputExceededException",
+                              http_status_code=400)
+        result = submit_draft(gateways, draft)
+    assert result.instance is not None and result.instance.action == "started"
+    assert len(_messages(gateways)) == 1
+
+
+class _CountingGuard:
+    """A WriteGuard that reports an interrupt once ``after`` critical sections have been written."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.sections = after, 0
+
+    @property
+    def pending(self) -> bool:
+        return self.sections >= self.after
+
+    def deferred(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def section():
+            yield
+            self.sections += 1
+
+        return section()
+
+
+def test_batch_stops_between_chunks_when_interrupted(gateways, tmp_path: Path) -> None:
+    """An interrupt during the second chunk: two chunks are queued in full, the rest of the file never written."""
+    rows = [{"job_type": "qwen-image-edit", "image": S3_IN, "prompt": f"edit {i}"} for i in range(130)]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    result = submit_batch(gateways, path, start_instance=False, guard=_CountingGuard(after=2))
+    assert result.interrupted and result.queued == 100 and result.unsubmitted == 30
+    assert result.job_ids[:100] == [j for j in result.job_ids if j] and result.job_ids[100:] == [None] * 30
+    assert len(list(gateways.table.query_status(JobStatus.PENDING))) == 100
+    assert gateways.queue.stats(include_dlq=False).visible == 100
+
+
+def test_batch_requests_per_job(gateways, tmp_path: Path) -> None:
+    """Chunks of 50: two BatchWriteItem and five SendMessageBatch each; the s3:// input is checked once; one
+    activity-marker write for the file."""
+    rows = [{"job_type": "qwen-image-edit", "image": S3_IN, "prompt": f"edit {i}"} for i in range(120)]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    calls: dict[str, int] = {}
+
+    def count(model, **_):
+        calls[model.name] = calls.get(model.name, 0) + 1
+
+    for client in (gateways.clients.dynamodb, gateways.clients.sqs, gateways.clients.s3):
+        client.meta.events.register("before-call.*.*", count)
+    result = submit_batch(gateways, path, start_instance=False)
+    assert result.queued == 120
+    assert calls == {"HeadObject": 1, "BatchWriteItem": 5, "SendMessageBatch": 12, "UpdateItem": 1}
 
 
 @pytest.mark.parametrize(
@@ -122,6 +229,8 @@ def test_capacity_error_with_require_instance_raises_but_job_stays_queued(gatewa
                      id="http-url"),
         pytest.param("qwen-image-edit", "s3://bucket-only", {"prompt": "p"}, "needs both a bucket and a key",
                      id="s3-no-key"),
+        pytest.param("qwen-image-edit", "s3://gpuctl-test-bucket/missing.png", {"prompt": "p"}, "does not exist",
+                     id="s3-missing"),
         pytest.param("qwen-image-edit", "ok.png", {"prompt": "p", "denoise": 1.5}, "denoise should be",
                      id="denoise"),
     ],
@@ -138,7 +247,7 @@ def test_bad_input_is_refused_before_anything_is_written(gateways, tmp_path: Pat
     assert _messages(gateways) == []
     for status in JobStatus:
         assert list(gateways.table.query_status(status)) == []
-    assert gateways.clients.s3.list_objects_v2(Bucket=gateways.settings.bucket).get("KeyCount", 0) == 0
+    assert gateways.clients.s3.list_objects_v2(Bucket=gateways.settings.bucket).get("KeyCount", 0) == 1
 
 
 def test_oversized_image_is_refused(tmp_path: Path) -> None:
@@ -152,7 +261,7 @@ def test_batch_submit_writes_in_batches(gateways, tmp_path: Path) -> None:
     """Thirty rows become thirty records and thirty messages with batch APIs; ids come back in order."""
     make_image(tmp_path / "a.png")
     rows = [{"job_type": "qwen-image-edit", "image": "a.png", "prompt": f"edit {i}"} for i in range(15)]
-    rows += [{"job_type": "camera-angle", "image": "s3://bucket/x.jpg", "horizontal": -1} for _ in range(15)]
+    rows += [{"job_type": "camera-angle", "image": S3_IN, "horizontal": -1} for _ in range(15)]
     path = tmp_path / "jobs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     result = submit_batch(gateways, path, start_instance=False)
@@ -189,7 +298,7 @@ def test_batch_send_failure_marks_those_rows_failed(gateways, tmp_path: Path) ->
     """Rows whose messages SQS rejects are reported and their records marked failed; others stay queued."""
     # GIVEN three valid rows, and SQS refusing the second entry of the batch (moto never does; Stubber can)
     path = tmp_path / "jobs.jsonl"
-    rows = [{"job_type": "qwen-image-edit", "image": "s3://b/k.png", "prompt": f"edit {i}"} for i in range(3)]
+    rows = [{"job_type": "qwen-image-edit", "image": S3_IN, "prompt": f"edit {i}"} for i in range(3)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     with Stubber(gateways.clients.sqs) as stub:
         stub.add_response("send_message_batch", {
