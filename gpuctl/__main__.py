@@ -22,12 +22,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get("GPUCTL_DEBUG", "") not in ("", "0") or "--debug" in args
-    if argv is None and not debug and not sys.warnoptions:
-        # The real process: a library's warning (with its site-packages path) is never for the user. In-process
-        # callers (the tests) keep their own warning filters.
-        import warnings
+    if argv is None:
+        # The real process. pydantic would scan every installed distribution's entry points for plugins at the first
+        # model (tens of ms); gpuctl uses none.
+        os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+        if not debug and not sys.warnoptions:
+            # A library's warning (with its site-packages path) is never for the user. In-process callers (the
+            # tests) keep their own warning filters.
+            import warnings
 
-        warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")
     try:
         _check_arguments(args)
         return _run(args, debug)

@@ -156,7 +156,7 @@ class JobRequest(BaseModel):
     treats it.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True, defer_build=True)
     job_type: ClassVar[JobType]
 
     image_url: str
@@ -298,7 +298,7 @@ def task_id_for_key(idempotency_key: str) -> str:
 class JobMessage(BaseModel):
     """The SQS message body. Only the first three fields are the contract; the rest are hints."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
     task_id: Annotated[str, Field(min_length=1)]
     api_path: str
@@ -350,7 +350,7 @@ class JobMessage(BaseModel):
 class JobRecord(BaseModel):
     """A job as stored in DynamoDB."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
     task_id: str
     status: JobStatus

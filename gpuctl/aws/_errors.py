@@ -22,6 +22,11 @@ def error_code(exc: BaseException) -> str:
     return ""
 
 
+def _sentence_start(what: str) -> str:
+    """``what`` at the start of a sentence: "the queue …" → "The queue …", but a URI keeps its lower-case scheme."""
+    return what if "://" in what.split(" ", 1)[0] else what[:1].upper() + what[1:]
+
+
 def translate(exc: Exception, what: str) -> GpuctlError:
     """One sentence for a failed AWS call on ``what`` (e.g. "the SQS queue https://…")."""
     import botocore.exceptions as bce
@@ -44,7 +49,7 @@ def translate(exc: Exception, what: str) -> GpuctlError:
         if code in {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist",
                     "ResourceNotFoundException", "NoSuchBucket", "InvalidInstanceID.NotFound",
                     "InvalidInstanceID.Malformed"}:
-            return NotFound(f"{what[0].upper()}{what[1:]} does not exist ({code}).")
+            return NotFound(f"{_sentence_start(what)} does not exist ({code}).")
         return AwsError(f"AWS rejected the request to {what}: {message.rstrip('.')} ({code}).", code=code)
     if isinstance(exc, bce.BotoCoreError):
         return AwsError(f"AWS request to {what} failed: {exc}.")

@@ -25,8 +25,6 @@ _SETTINGS: dict[str, Any] = dict(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-#: The whole CLI (every command registered); `app_for(args)` builds a root with only the command invoked.
-app = typer.Typer(**_SETTINGS)
 
 
 class AppState:
@@ -183,13 +181,25 @@ def app_for(args: list[str]) -> typer.Typer:
     name = _command_name(args)
     group = _GROUP_OF.get(name or "")
     if group is None or os.environ.get(COMPLETE_VAR):
-        return app
+        return _whole_app()
     narrow = typer.Typer(**_SETTINGS)
     narrow.callback()(root)
     _add(narrow, group)
     return narrow
 
 
-app.callback()(root)
-for _group in _GROUPS:
-    _add(app, _group)
+@functools.cache
+def _whole_app() -> typer.Typer:
+    whole = typer.Typer(**_SETTINGS)
+    whole.callback()(root)
+    for group in _GROUPS:
+        _add(whole, group)
+    return whole
+
+
+def __getattr__(name: str) -> Any:
+    # `gpuctl.cli.app`, the whole CLI with every command registered, is built (and every command module imported)
+    # only when someone asks for it; the entry point imports just the command it runs (`app_for`).
+    if name == "app":
+        return _whole_app()
+    raise AttributeError(name)

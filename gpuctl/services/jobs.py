@@ -225,7 +225,7 @@ def list_jobs(
             break
         newest = max(live, key=lambda s: s.head.created_at)
         records.append(newest.pop())
-        if not newest.buffer and not newest.done:
+        if not newest.buffer and not newest.done and len(records) < limit:
             active = sum(1 for s in streams if not (s.done and not s.buffer))
             newest.fill(-(-(limit - len(records)) // max(1, active)))
     log.info("jobs.list", extra={"items_read": sum(s.read for s in streams), "returned": len(records)})

@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from tests.helpers import (
-    REGION,
     Resources,
     create_resources,
     emulator_counts,
@@ -149,16 +148,18 @@ BAD: dict[str, Bad] = {
     "file-empty": Bad([*CA, "{tmp}/empty.png"], 2, "Error: Image file {tmp}/empty.png is empty."),
     "file-not-an-image": Bad([*CA, "{tmp}/notes.txt"], 2, "Error: Image file {tmp}/notes.txt is not an image gpuctl "
                                                           "can read (JPEG, PNG, WebP, BMP, GIF or TIFF)."),
-    "file-bomb": Bad([*CA, "{tmp}/bomb.png"], 2, "Error: Image file {tmp}/bomb.png is 10000×10000 pixels (100.0 "
-                                                 "megapixels), more than the 40 megapixel limit (max_image_megapixels)."),
+    "file-bomb": Bad([*CA, "{tmp}/bomb.png"], 2,
+                     "Error: Image file {tmp}/bomb.png is 10000×10000 pixels (100.0 megapixels), more than the 40 "
+                     "megapixel limit (max_image_megapixels)."),
     "file-too-long": Bad([*CA, "{tmp}/strip.png"], 2, "Error: Image file {tmp}/strip.png is 40000×4 pixels; its "
                                                       "longest side may be at most 12000 pixels (max_image_side)."),
     "file-truncated": Bad([*CA, "{tmp}/cut.png"], 2, "Error: Image file {tmp}/cut.png is not an image gpuctl can "
                                                      "read (JPEG, PNG, WebP, BMP, GIF or TIFF)."),
     "file-ico": Bad([*CA, "{tmp}/icon.ico"], 2, "Error: Image file {tmp}/icon.ico is a ICO image; use JPEG, PNG, "
                                                 "WebP, BMP, GIF or TIFF."),
-    "file-over-size-limit": Bad([*CA, "{tmp}/ok.png"], 2, "Error: Image file {tmp}/ok.png is 0 MB, larger than the 0 MB "
-                                                          "limit (max_image_mb).", env={"GPUCTL_MAX_IMAGE_MB": "0.0001"}),
+    "file-over-size-limit": Bad([*CA, "{tmp}/ok.png"], 2,
+                                "Error: Image file {tmp}/ok.png is 0 MB, larger than the 0 MB limit (max_image_mb).",
+                                env={"GPUCTL_MAX_IMAGE_MB": "0.0001"}),
     # --- remote inputs
     "http-url": Bad([*QW, "http://example.com/a.png", "--prompt", "p"], 2,
                     "Error: http:// image URLs are not accepted; use https://, s3:// or a local file."),
@@ -199,13 +200,15 @@ BAD: dict[str, Bad] = {
                                  "Error: '\\x1b[2Jabc' is not a job id: job ids are UUIDs such as "
                                  "3f2b8c1e-4d5a-4b6c-8d7e-9f0a1b2c3d4e."),
     "since-fortnights": Bad(["jobs", "list", "--since", "3 fortnights"], 2,
-                            "Error: --since '3 fortnights' is not a duration: use a number and a unit, e.g. 30m, 1h, 2d."),
+                            "Error: --since '3 fortnights' is not a duration: use a number and a unit, e.g. 30m, 1h, "
+                            "2d."),
     "limit-0": Bad(["jobs", "list", "--limit", "0"], 2, "Error: --limit must be at least 1 (got 0)."),
     "limit-huge": Bad(["jobs", "list", "--limit", "5000"], 2,
                       "Error: --limit may be at most 1000 (got 5000); use --next-token for more."),
     "hold-zero": Bad(["instance", "hold", "--for", "0m"], 2, "Error: --for '0m' must be longer than zero."),
     "hold-eight-days": Bad(["instance", "hold", "--for", "8d"], 2,
-                           "Error: --for '8d' is longer than the maximum hold of 7 days; hold again later to extend it."),
+                           "Error: --for '8d' is longer than the maximum hold of 7 days; hold again later to extend "
+                           "it."),
     "watch-interval-nan": Bad(["watch", UNKNOWN, "--interval", "nan"], 2,
                               "Error: --interval must be a positive number of seconds, at most 5."),
     # --- job files
@@ -242,9 +245,9 @@ BAD: dict[str, Bad] = {
                                    "row 2: The image s3://{bucket}/in/nope.png does not exist; row 3: The image "
                                    "s3://{bucket}/in/nope.png does not exist."),
     # --- settings, endpoints, resources
-    "no-queue-url": Bad([*CA, S3], 2, "Error: No SQS queue URL is configured: set SQS_QUEUE_URL, or run `gpuctl "
-                                      "config set queue_url VALUE`, or `gpuctl deploy` to create the stack and record it.",
-                        env={"GPUCTL_QUEUE_URL": ""}),
+    "no-queue-url": Bad([*CA, S3], 2,
+                        "Error: No SQS queue URL is configured: set SQS_QUEUE_URL, or run `gpuctl config set queue_url "
+                        "VALUE`, or `gpuctl deploy` to create the stack and record it.", env={"GPUCTL_QUEUE_URL": ""}),
     "no-bucket-for-upload": Bad([*CA, "{tmp}/ok.png"], 2, "Error: No S3 bucket for inputs and results is configured: "
                                                           "set GPUCTL_BUCKET, or run `gpuctl config set bucket VALUE`, "
                                                           "or `gpuctl deploy` to create the stack and record it.",
@@ -263,8 +266,8 @@ BAD: dict[str, Bad] = {
     "endpoint-not-a-url": Bad(["--endpoint-url", "not a url", "status", UNKNOWN], 2,
                               "Error: Invalid setting endpoint_url: 'not a url' is not an http:// or https:// URL."),
     "endpoint-with-password": Bad(["--endpoint-url", "https://bob:s3cret@127.0.0.1:9", "status", UNKNOWN], 2,
-                                  "Error: Invalid setting endpoint_url: carries a user name or password; gpuctl refuses "
-                                  "credentials in URLs."),
+                                  "Error: Invalid setting endpoint_url: carries a user name or password; gpuctl "
+                                  "refuses credentials in URLs."),
     "endpoint-down": Bad([*CA, S3], 4, 'Error: Cannot reach AWS for s3://{bucket}/in/ok.png: Could not connect to the '
                                        'endpoint URL: "http://127.0.0.1:9/{bucket}/in/ok.png".',
                          env={"GPUCTL_ENDPOINT_URL": "http://127.0.0.1:9", "GPUCTL_MAX_ATTEMPTS": "1"}),
@@ -326,5 +329,3 @@ def test_no_message_echoes_a_password(world: World, clean_env: Path, capsys: Any
     got = invoke(["submit", "--from", str(rows)], world.res.env(), capsys)
     assert got.code == 2 and secret not in got.stderr, got.stderr
 
-
-REGION_ = REGION

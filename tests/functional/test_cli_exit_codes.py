@@ -48,14 +48,10 @@ class World:
                        GPUCTL_CONNECT_TIMEOUT="1")
         elif variant == "no-queue":
             env["GPUCTL_QUEUE_URL"] = ""
-        elif variant == "no-table":
-            env["GPUCTL_TABLE_NAME"] = ""
         elif variant == "no-instance":
             env["GPUCTL_INSTANCE_ID"] = ""
         elif variant == "gone-queue":
             env["GPUCTL_QUEUE_URL"] = self.res.queue_url.replace("gpu_tasks_queue", "deleted_queue")
-        elif variant == "gone-table":
-            env["GPUCTL_TABLE_NAME"] = "deleted_table"
         elif variant == "bad-instance":
             env["GPUCTL_INSTANCE_ID"] = "i-0123456789abcdef0"
         elif variant == "small-queue":  # SQS refuses messages over 1 KiB (MaximumMessageSize)
@@ -129,7 +125,6 @@ CASES: dict[str, Case] = {
     # --- no arguments, usage
     "root-no-args": Case([], 2, "Usage: gpuctl"),
     "group-no-args": Case(["jobs"], 2, "Usage: gpuctl jobs"),
-    "unknown-option": Case(["status", "{pending}", "--colour"], 2, "No such option"),
     "completion-bash": Case(["completion", "bash"], 0, stdout="any"),
     "completion-unknown": Case(["completion", "tcsh"], 2, "No completion for the shell 'tcsh'"),
     # --- submit (one job)
@@ -139,20 +134,11 @@ CASES: dict[str, Case] = {
     "submit-no-args": Case(["submit"], 2, "Give a job type and an image"),
     "submit-bad-knob": Case(["submit", "camera-angle", "{tmp}/in.png", "--vertical", "3"], 2,
                             "vertical should be less than or equal to 2"),
-    "submit-not-image": Case(["submit", "camera-angle", "{tmp}/notes.txt"], 2, "is not an image gpuctl can read"),
     "submit-no-prompt": Case(["submit", "qwen-image-edit", S3], 2, "Missing option '--prompt'"),
-    "submit-missing-s3": Case(["submit", "qwen-image-edit", "s3://gpuctl-test-bucket/nope.png", "--prompt", "p"],
-                              2, "The image s3://gpuctl-test-bucket/nope.png does not exist."),
-    "submit-no-queue-setting": Case(["submit", "camera-angle", "{tmp}/in.png"], 2, "set SQS_QUEUE_URL",
-                                    env="no-queue"),
-    "submit-bad-timeout": Case(["submit", "camera-angle", S3, "--wait", "--timeout", "-5"], 2,
-                               "--timeout must be a positive number"),
     "submit-wait-timeout": Case(["submit", "camera-angle", S3, "--no-start", "--wait", "--timeout", "1"], 3,
                                 "Timed out after", stdout="lines:2"),
     "submit-queue-gone": Case(["submit", "camera-angle", S3, "--no-start"], 1, "does not exist",
                               env="gone-queue"),
-    "submit-table-gone": Case(["submit", "camera-angle", "{tmp}/in.png", "--no-start"], 1, "does not exist",
-                              env="gone-table"),
     "submit-sqs-refuses": Case(["submit", "qwen-image-edit", S3, "--prompt", "x" * 1500, "--no-start"], 4,
                                "Message must be shorter than 1024 bytes", env="small-queue"),
     "submit-require-instance": Case(["submit", "camera-angle", S3, "--require-instance"], 4,
@@ -169,7 +155,6 @@ CASES: dict[str, Case] = {
     "status-0": Case(["status", "{completed}", "-o", "json"], 0, schema="job"),
     "status-unknown": Case(["status", UNKNOWN], 1, f"Job {UNKNOWN} does not exist."),
     "status-malformed": Case(["status", "not-a-uuid"], 2, "'not-a-uuid' is not a job id"),
-    "status-no-table": Case(["status", UNKNOWN], 2, "set DYNAMODB_TABLE", env="no-table"),
     "status-down": Case(["status", UNKNOWN], 4, "Cannot reach AWS", env="down"),
     # --- watch
     "watch-0": Case(["watch", "{completed}", "-o", "json"], 0, schema="watch_line"),
@@ -188,7 +173,6 @@ CASES: dict[str, Case] = {
     # --- jobs
     "list-0": Case(["jobs", "list", "--limit", "3", "-o", "json"], 0, schema="jobs_page"),
     "list-bad-status": Case(["jobs", "list", "--status", "done"], 2, "Unknown status 'done'"),
-    "list-bad-token": Case(["jobs", "list", "--next-token", "abc"], 2, "is not a token"),
     "list-down": Case(["jobs", "list"], 4, "Cannot reach AWS", env="down"),
     "cancel-0": Case(["jobs", "cancel", "{pending}", "-o", "json"], 0, schema="job_cancelled"),
     "cancel-finished": Case(["jobs", "cancel", "{failed}"], 1, "already finished (failed)"),
@@ -216,8 +200,6 @@ CASES: dict[str, Case] = {
     # --- config, stack
     "config-show-0": Case(["config", "show", "-o", "json"], 0, schema="config_show"),
     "config-set-unknown": Case(["config", "set", "colour", "blue"], 2, "Unknown setting 'colour'"),
-    "endpoint-not-a-url": Case(["--endpoint-url", "not a url", "status", UNKNOWN], 2,
-                               "Invalid setting endpoint_url: 'not a url' is not an http:// or https:// URL."),
     "stack-status-none": Case(["stack", "status"], 1, "There is no stack gpuctl"),
     "stack-outputs-none": Case(["stack", "outputs"], 1, "There is no stack gpuctl"),
     "destroy-no-tty": Case(["destroy"], 2, "pass --yes"),
@@ -260,6 +242,7 @@ def test_exit_code(name: str, results: dict[str, subprocess.CompletedProcess[str
     assert proc.returncode == case.code, f"{proc.returncode}: {proc.stderr}"
     assert case.stderr in proc.stderr
     assert "Traceback" not in proc.stderr and "site-packages" not in proc.stderr
+    assert ".." not in proc.stderr.replace("...", "") and "S3://" not in proc.stderr
     if case.code not in (0, 130) and case.schema is None and not proc.stderr.startswith("Usage:"):
         assert proc.stderr.count("Error: ") == 1, proc.stderr
     # AND stdout carries only data: its JSON document, the queued job's id, or nothing
@@ -269,12 +252,12 @@ def test_exit_code(name: str, results: dict[str, subprocess.CompletedProcess[str
             jsonschema.validate(json.loads(text), schemas.definition(case.schema))
     elif case.stdout == "id":
         assert UUID.match(proc.stdout.strip()), proc.stdout
-    # AND no escape code reaches a pipe (NO_COLOR is not set for these runs)
-    assert "\x1b" not in proc.stdout + proc.stderr
     elif case.stdout.startswith("lines:"):
         assert len(proc.stdout.splitlines()) == int(case.stdout.split(":")[1]), proc.stdout
     elif case.stdout == "empty":
         assert proc.stdout == "", proc.stdout
+    # AND no escape code reaches a pipe (NO_COLOR is not set for these runs)
+    assert "\x1b" not in proc.stdout + proc.stderr
 
 
 def test_adapter_whose_backend_never_becomes_ready_exits_1(world: World) -> None:
