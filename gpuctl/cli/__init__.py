@@ -93,10 +93,9 @@ def root(
     Settings come from flags, then the environment (GPUCTL_*, SQS_QUEUE_URL, DYNAMODB_TABLE,
     GPU_INSTANCE_ID, AWS_DEFAULT_REGION), then the profile's config file (`gpuctl config path`).
     """
-    if verbose:
-        from gpuctl.cli._logging import configure
+    from gpuctl.cli._logging import configure
 
-        configure(verbose)
+    configure(verbose)
     ctx.obj = AppState(
         {"profile": profile, "region": region, "endpoint_url": endpoint_url}, output, quiet, verbose
     )

@@ -93,8 +93,16 @@ def _summarise_request(message: str) -> str:
 
 
 def configure(verbose: int) -> None:
-    """``-v``: gpuctl's INFO records; ``-vv``: DEBUG, botocore's included (scrubbed). Both on stderr."""
+    """``-v``: gpuctl's INFO records; ``-vv``: DEBUG, botocore's included (scrubbed). Both on stderr.
+
+    Without ``-v`` nothing is logged at all: a warning logged below the CLI (a tag that could not be written, a
+    marker update that failed) is reported by the command itself, in its own words, or not at all; Python's
+    last-resort handler would otherwise print the raw event name on stderr.
+    """
     if verbose <= 0:
+        root = logging.getLogger()
+        if not root.handlers:
+            root.addHandler(logging.NullHandler())
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))

@@ -356,19 +356,30 @@ class _Progress:
 
 
 def _plan_table(plan: DeployPlan, *, stderr: bool) -> None:
-    from rich.table import Table
-
-    from gpuctl.cli._output import out_console
-
-    console = err_console() if stderr else out_console()
+    """The change set: on stdout (a dry run's data) through the renderer's rules; on stderr (the review before
+    the question) as a Rich table whose cells fold rather than being cut."""
     verb = "create" if plan.change_type == "CREATE" else "update"
-    table = Table("Action", "Resource", "Type", "Replacement", title=f"Change set: {verb} {plan.stack_name}",
-                  title_justify="left", header_style="bold")
-    for change in plan.changes:
-        table.add_row(change.action, change.logical_id, change.resource_type, change.replacement or "")
-    console.print(table)
-    if not plan.changes:
-        console.print("CloudFormation listed no resource changes.", highlight=False)
-    for key, (old, new) in sorted(plan.parameter_changes.items()):
-        console.print(f"  parameter {key}: {old if old is not None else '(new)'} → {new}", markup=False,
-                      highlight=False, soft_wrap=True)
+    title = f"Change set: {verb} {plan.stack_name}"
+    rows = [(c.action, c.logical_id, c.resource_type, c.replacement or "") for c in plan.changes]
+    empty = None if plan.changes else "CloudFormation listed no resource changes."
+    lines = [f"  parameter {key}: {old if old is not None else '(new)'} → {new}"
+             for key, (old, new) in sorted(plan.parameter_changes.items())]
+    if not stderr:
+        from gpuctl.cli._output import OutputFormat
+
+        out = Renderer(OutputFormat.TEXT, quiet=False)
+        out.table(["Action", "Resource", "Type", "Replacement"], rows, title=title)
+        if empty:
+            out.note(empty)
+        out.ids(lines)
+        return
+    lines = [empty, *lines] if empty else lines
+    from rich.table import Column, Table
+
+    table = Table(*(Column(name, overflow="fold") for name in ("Action", "Resource", "Type", "Replacement")),
+                  title=title, title_justify="left", header_style="bold")
+    for row in rows:
+        table.add_row(*row)
+    err_console().print(table)
+    for line in lines:
+        err_console().print(line, markup=False, highlight=False, soft_wrap=True)

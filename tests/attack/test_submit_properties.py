@@ -3,7 +3,7 @@ exits 0 having written exactly its record(s) and message(s) (and one upload per 
 one sentence and nothing written at all — records, messages and S3 objects counted before and after.
 
 gpuctl's ``main()`` runs in this process against moto's server. Examples are bounded for CI
-(GPUCTL_ATTACK_EXAMPLES, default 30 per property); `bench/` or a developer can raise it.
+(GPUCTL_ATTACK_EXAMPLES, default 20 per property); `bench/` or a developer can raise it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.server
 
-EXAMPLES = int(os.environ.get("GPUCTL_ATTACK_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("GPUCTL_ATTACK_EXAMPLES", "20"))
 ATTACK = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 

@@ -272,9 +272,11 @@ def test_adapter_whose_backend_never_becomes_ready_exits_1(world: World) -> None
 
 # moto's server thread runs in this process, where warnings are errors; it warns for each resource type it skips.
 @pytest.mark.filterwarnings("ignore:Tried to parse AWS:UserWarning")
-def test_stack_commands_and_declined_confirmations(world: World, moto_server: str) -> None:
+def test_stack_commands_and_declined_confirmations(world: World, moto_server: str, capsys: Any) -> None:
     """deploy, stack status/outputs and destroy exit 0 with schema-valid JSON; answering "n" to deploy, destroy
-    or queue purge on a terminal exits 2 and changes nothing."""
+    or queue purge on a terminal (a real process on a pseudo-terminal) exits 2 and changes nothing."""
+    from tests.helpers import invoke
+
     # GIVEN a fresh emulator (the stack creates its own queue and table) with a GPU instance, and a stack
     httpx.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
     ec2 = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing").client(
@@ -283,35 +285,35 @@ def test_stack_commands_and_declined_confirmations(world: World, moto_server: st
                                  MaxCount=1)["Instances"][0]["InstanceId"]
     env = {"GPUCTL_ENDPOINT_URL": moto_server, "GPUCTL_REGION": REGION,
            "GPUCTL_CONFIG_DIR": str(world.tmp / "stack-config")}
-    deployed = run_cli(["deploy", "--instance-id", instance, "--yes", "-o", "json"], env, timeout=120)
-    assert deployed.returncode == 0, deployed.stderr
+    deployed = invoke(["deploy", "--instance-id", instance, "--yes", "-o", "json"], env, capsys)
+    assert deployed.code == 0, deployed.stderr
     jsonschema.validate(json.loads(deployed.stdout), schemas.definition("deploy"))
     for args, schema in ((["stack", "status", "-o", "json"], "stack_status"),
                          (["stack", "outputs", "-o", "json"], "stack_outputs")):
-        proc = run_cli(args, env)
-        assert proc.returncode == 0, proc.stderr
-        jsonschema.validate(json.loads(proc.stdout), schemas.definition(schema))
-    arn = run_cli(["stack", "outputs", "OperatorPolicyArn", "-q"], env)
-    assert arn.returncode == 0 and arn.stdout.startswith("arn:aws:iam::") and arn.stdout.count("\n") == 1
-    table = run_cli(["stack", "outputs"], env)  # piped: plain lines, the ARN whole
+        got = invoke(args, env, capsys)
+        assert got.code == 0, got.stderr
+        jsonschema.validate(json.loads(got.stdout), schemas.definition(schema))
+    arn = invoke(["stack", "outputs", "OperatorPolicyArn", "-q"], env, capsys)
+    assert arn.code == 0 and arn.stdout.startswith("arn:aws:iam::") and arn.stdout.count("\n") == 1
+    table = invoke(["stack", "outputs"], env, capsys)  # not a terminal: plain lines, the ARN whole
     assert re.search(r"^OperatorPolicyArn +" + re.escape(arn.stdout.strip()) + "$", table.stdout, re.M)
-    missing = run_cli(["stack", "outputs", "NoSuchOutput"], env)
-    assert missing.returncode == 1 and "has no output 'NoSuchOutput'" in missing.stderr
-    queued = run_cli(["submit", "qwen-image-edit", "https://93.184.216.34/in.png", "--prompt", "p", "--no-start",
-                      "-q"], env)
-    assert queued.returncode == 0, queued.stderr
+    missing = invoke(["stack", "outputs", "NoSuchOutput"], env, capsys)
+    assert missing.code == 1 and "has no output 'NoSuchOutput'" in missing.stderr
+    queued = invoke(["submit", "qwen-image-edit", "https://93.184.216.34/in.png", "--prompt", "p", "--no-start",
+                     "-q"], env, capsys)
+    assert queued.code == 0, queued.stderr
     # WHEN each confirmation is declined on a terminal
     for args in (["deploy", "--idle-minutes", "45"], ["destroy"], ["queue", "purge"]):
         proc = _on_a_terminal(["-m", "gpuctl", *args], env, answer="n\n")
         # THEN it exits 2, says so, and nothing changed
         assert proc.returncode == 2, (args, proc.output)
         assert "Cancelled" in proc.output or "Not purged" in proc.output, proc.output
-    status = json.loads(run_cli(["stack", "status", "-o", "json"], env).stdout)
+    status = json.loads(invoke(["stack", "status", "-o", "json"], env, capsys).stdout)
     assert status["status"].endswith("_COMPLETE") and status["parameters"].get("IdleMinutes") != "45"
-    assert json.loads(run_cli(["queue", "stats", "-o", "json"], env).stdout)["visible"] == 1
+    assert json.loads(invoke(["queue", "stats", "-o", "json"], env, capsys).stdout)["visible"] == 1
     # AND destroy --yes exits 0
-    destroyed = run_cli(["destroy", "--yes", "-o", "json"], env, timeout=120)
-    assert destroyed.returncode == 0, destroyed.stderr
+    destroyed = invoke(["destroy", "--yes", "-o", "json"], env, capsys)
+    assert destroyed.code == 0, destroyed.stderr
     jsonschema.validate(json.loads(destroyed.stdout), schemas.definition("destroy"))
 
 

@@ -94,8 +94,8 @@ def test_ctrl_c_during_submit_wait_keeps_the_job_and_exits_130(server_aws: Resou
 def test_ctrl_c_during_submit_from_prints_the_queued_ids_and_exits_130(server_aws: Resources,
                                                                       tmp_path: Path) -> None:
     """SIGINT during `submit --from`: the ids of the queued rows are printed, the rest is not written."""
-    # GIVEN a submit of 400 rows that has started queueing them
-    jobs = _job_file(server_aws, tmp_path, rows=400)
+    # GIVEN a submit of 200 rows that has started queueing them
+    jobs = _job_file(server_aws, tmp_path, rows=200)
     proc = _start(["submit", "--from", str(jobs), "--no-start", "-q"], server_aws.env())
     sqs = _session().client("sqs", region_name=REGION, endpoint_url=server_aws.endpoint_url)
     deadline = time.monotonic() + 60
@@ -109,7 +109,7 @@ def test_ctrl_c_during_submit_from_prints_the_queued_ids_and_exits_130(server_aw
     assert code == 130, err
     assert err.startswith("Error: Interrupted: ") and "rows were not submitted" in err, err
     printed = [line for line in out.splitlines() if line != "-"]
-    assert len(out.splitlines()) == 400 and 0 < len(printed) < 400
+    assert len(out.splitlines()) == 200 and 0 < len(printed) < 200
     assert sorted(printed) == sorted(_message_ids(server_aws))
 
 
@@ -174,12 +174,12 @@ def _assert_nothing_half_written(res: Resources, printed: list[str]) -> None:
 @pytest.mark.parametrize("trial", range(4))
 def test_interrupting_submit_from_at_a_random_moment_leaves_nothing_half_written(
         server_aws: Resources, tmp_path: Path, trial: int) -> None:
-    """A real `submit --from` of 300 rows, interrupted at a random moment (twice in quick succession in the last
+    """A real `submit --from` of 200 rows, interrupted at a random moment (twice in quick succession in the last
     trial, which forces the interrupt inside a write): every record has its message and every message its record."""
-    # GIVEN a file of 300 rows
-    jobs = _job_file(server_aws, tmp_path, rows=300)
+    # GIVEN a file of 200 rows
+    jobs = _job_file(server_aws, tmp_path, rows=200)
     rng = random.Random(8_000 + trial)
-    delay = rng.uniform(0.3, 3.0)
+    delay = rng.uniform(0.3, 2.5)
     # WHEN it is submitted and interrupted after a random delay
     proc = _start(["submit", "--from", str(jobs), "--no-start", "-q"], server_aws.env())
     time.sleep(delay)
