@@ -44,6 +44,7 @@ COMMANDS: dict[str, str] = {
     "local status": "local_status",
     "local down": "local_down",
     "demo": "demo",
+    "adapter check": "adapter_check",
 }
 
 

@@ -98,6 +98,10 @@ def test_documents_match_their_schemas(server_aws: Resources, capsys: Any, tmp_p
     jsonschema.validate(up.document(), schemas.definition("local up"))
     jsonschema.validate(status.document(), schemas.definition("local status"))
     jsonschema.validate(demo.document(), schemas.definition("demo"))
+    from adapter.backends import Readiness
+
+    report = Readiness("comfyui", "http://127.0.0.1:8188", False, problems=("no model",), checked=("models",))
+    jsonschema.validate(report.to_dict(), schemas.definition("adapter check"))
 
 
 def _one_line(got: Any) -> str:
