@@ -219,6 +219,16 @@ def _counted_gateways(res: Resources) -> tuple[Any, RequestCounter]:
     return gw, counter
 
 
+def _marked_and_counted(res: Resources, *, polling: bool) -> tuple[Any, RequestCounter]:
+    """Gateways whose requests are counted, after the activity marker was set to say an adapter is polling (or, with
+    ``polling`` false, that a stop was fenced since, so submit asks EC2)."""
+    if polling:
+        _adapter_polling(res)
+    else:
+        _gateways(res).table.note_stop()
+    return _counted_gateways(res)
+
+
 def bench_requests(res: Resources, rows: int) -> list[Row]:
     from gpuctl.inputs import ImageLimits
     from gpuctl.models import JobType
@@ -230,11 +240,7 @@ def bench_requests(res: Resources, rows: int) -> list[Row]:
     _gateways(res).store.put_bytes(png_bytes(), res.bucket, "bench/in.png", content_type="image/png")
     draft = draft_job(JobType.QWEN_IMAGE_EDIT, uri, {"prompt": "sketch"}, limits=limits)
     for label, polling in (("adapter polling", True), ("no adapter seen", False)):
-        if polling:
-            _adapter_polling(res)
-        else:
-            _gateways(res).table.note_stop()
-        gw, counter = _counted_gateways(res)
+        gw, counter = _marked_and_counted(res, polling=polling)
         submit_draft(gw, draft)
         out.append((f"AWS requests, single submit (s3:// input, {label})", f"{counter.total}: {counter.describe()}",
                     ""))
@@ -242,11 +248,7 @@ def bench_requests(res: Resources, rows: int) -> list[Row]:
     path.write_text("\n".join(json.dumps({"job_type": "qwen-image-edit", "image": uri, "prompt": f"edit {i}"})
                               for i in range(rows)))
     for label, polling in (("adapter polling", True), ("instance running, no adapter seen", False)):
-        if polling:
-            _adapter_polling(res)
-        else:
-            _gateways(res).table.note_stop()
-        gw, counter = _counted_gateways(res)
+        gw, counter = _marked_and_counted(res, polling=polling)
         start = time.perf_counter()
         result = submit_batch(gw, path)
         elapsed = time.perf_counter() - start
