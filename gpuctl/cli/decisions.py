@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gpuctl.cli import state
-from gpuctl.cli._output import OutputOpt, QuietOpt
+from gpuctl.cli._output import OutputOpt, quiet_opt
 
 if TYPE_CHECKING:
     from gpuctl.services.decisions import Decision
@@ -25,7 +25,7 @@ def decisions(
     since: Annotated[str, typer.Option("--since", help="How far back: 30m, 1h, 2d.")] = "1h",
     limit: Annotated[int, typer.Option("--limit", min=1, max=10000, help="At most this many (the newest).")] = 50,
     output: OutputOpt = None,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, quiet_opt("the decision of each record (stop, start, nothing)")] = False,
 ) -> None:
     """Show the scheduler's recent decisions (stop, start or nothing), why, and the facts it saw.
 

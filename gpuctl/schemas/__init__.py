@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "instance hold": "hold",
     "instance release": "hold_released",
     "instance why-stopped": "why_stopped",
+    "instance decisions": "decisions",
     "queue stats": "queue_stats",
     "queue redrive": "queue_redrive",
     "queue purge": "queue_purge",

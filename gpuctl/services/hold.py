@@ -7,7 +7,6 @@ and ``gpuctl:stopped-at`` (ISO time), which ``why_stopped`` reads back.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ def judge_hold(raw: str | None, now: float, *, first_seen_at: float | None = Non
     first saw the value: that time. Anything else (blank, ``inf``, ``2h``, ``tomorrow``, a millisecond epoch,
     beyond the cap) keeps the GPU up, but only until the cap.
     """
-    from gpuctl.times import parse_time
+    from gpuctl.times import iso, parse_time
 
     if raw is None:
         return HoldJudgement(None)
@@ -61,13 +60,13 @@ def judge_hold(raw: str | None, now: float, *, first_seen_at: float | None = Non
     value = parse_time(raw)
     if value is None:
         return HoldJudgement(cap, f"the hold value {raw!r} is not a time; the scheduler treats it as a hold of "
-                                  f"at most {days} days, until {_iso(cap)}; `gpuctl instance hold` or `release` "
+                                  f"at most {days} days, until {iso(cap)}; `gpuctl instance hold` or `release` "
                                   "replaces it")
     if value <= now:
         return HoldJudgement(None)
     if value > cap:
         return HoldJudgement(cap, f"the hold value {raw!r} is longer than the maximum of {days} days; the "
-                                  f"scheduler treats it as a hold until {_iso(cap)}")
+                                  f"scheduler treats it as a hold until {iso(cap)}")
     return HoldJudgement(value)
 
 

@@ -135,7 +135,6 @@ class InstanceStatus:
 
     def document(self) -> dict[str, Any]:
         """The stable JSON shape of ``gpuctl instance status --output json``."""
-        from gpuctl.times import stamp
 
         w = self.workload
         return {
