@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     max_image_side: int = Field(default=12000, ge=16)
     job_ttl_days: int = Field(default=30, ge=1)
     presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # `gpuctl status` says why a job waits once it has been pending this long (gpuctl.services.diagnose).
+    stuck_after: float = Field(default=120.0, gt=0)
 
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=30.0, gt=0)

@@ -48,7 +48,9 @@ def status(
 ) -> None:
     """Show a job's status: pending, processing, completed (with the result URL) or failed (with why).
 
-    A cancelled job reads "cancelled" (its status stays failed; JSON: "cancelled": true).
+    A cancelled job reads "cancelled" (its status stays failed; JSON: "cancelled": true). For a pending job
+    whose cause gpuctl can tell (the instance is stopped, nothing polls the queue) it also says why it waits
+    (stderr; `diagnosis` in JSON).
 
     Exit 1 if there is no such job, 2 if JOB_ID is not a job id.
 
@@ -58,16 +60,20 @@ def status(
 
         gpuctl status $JOB --output json | jq -r .result_s3_uri
     """
+    from gpuctl.services.diagnose import diagnose_job
     from gpuctl.services.jobs import get_job
 
     out = state(ctx).renderer(output, quiet)
     record = get_job(state(ctx).gateways, job_id)
+    why = diagnose_job(state(ctx).gateways, record)
     if out.json:
-        out.data(record.status_document())
+        out.data({**record.status_document(), "diagnosis": why.document() if why else None})
     elif out.quiet:
         out.ids([record.status.value])
     else:
         out.pairs(_record_pairs(record))
+    if why is not None:
+        out.note(f"Why it waits: {why.message}")
 
 
 # --- gpuctl watch ----------------------------------------------------------------------------------

@@ -16,17 +16,21 @@ if TYPE_CHECKING:
     from rich.status import Status
 
     from gpuctl.models import JobRecord
-    from gpuctl.services.local import DemoJob, DemoResult, StatusResult, UpResult
+    from gpuctl.services.demo import DemoJob, DemoResult
+    from gpuctl.services.local import BoxView, StatusResult, UpResult
 
 __all__ = ["app", "register_demo"]
 
 app = typer.Typer(
-    help="Run the whole pipeline on this machine: AWS emulator, stack, ComfyUI stand-in, adapter, scheduler.",
+    help="Run the whole pipeline on this machine: AWS emulator, stack, a GPU box (ComfyUI stand-in and adapter) "
+         "that is off until work arrives, and the scheduler.",
     no_args_is_help=True,
 )
 
 SecondsOpt = Annotated[float, typer.Option("--seconds-per-job", min=0.1, max=600.0,
                                            help="How long the ComfyUI stand-in takes per job.")]
+IdleOpt = Annotated[str, typer.Option("--idle", help="The scheduler stops the idle GPU box after this long "
+                                                     "(10s … 24h, e.g. 2m).")]
 
 
 def _target(ctx: typer.Context) -> dict[str, Any]:
@@ -41,34 +45,46 @@ def _target(ctx: typer.Context) -> dict[str, Any]:
 def up(
     ctx: typer.Context,
     seconds_per_job: SecondsOpt = 2.0,
-    idle_minutes: Annotated[int, typer.Option("--idle-minutes", min=5, max=1440,
-                                              help="The scheduler stops the idle GPU instance after this.")] = 5,
+    idle: IdleOpt = "5m",
+    boot_delay: Annotated[float, typer.Option("--boot-delay", min=0.0, max=600.0,
+                                              help="Seconds the GPU box takes to boot after its instance "
+                                                   "starts.")] = 3.0,
+    comfyui_url: Annotated[str | None, typer.Option(
+        "--comfyui-url", help="Use your ComfyUI instead of the stand-in (the GPU box then switches only the "
+                              "adapter).", show_default=False)] = None,
+    workflows: Annotated[Path | None, typer.Option(
+        "--workflows", exists=True, file_okay=False, help="A workflow override folder for the adapter "
+                                                          "(see the README).", show_default=False)] = None,
     output: OutputOpt = None,
     quiet: Annotated[bool, quiet_opt("the AWS endpoint URL of local mode")] = False,
 ) -> None:
     """Start local mode (or say it is up, or restart what died) and write the `local` profile.
 
     Starts moto's server on 127.0.0.1, deploys infra/cloudformation.yaml into it the way `gpuctl deploy`
-    does, and starts the ComfyUI stand-in, the adapter and the scheduler loop in the background. Then any
-    command works against it with --profile local. With --endpoint-url (LocalStack …), that endpoint is
-    used instead of starting the emulator.
+    does, and starts the GPU box and the scheduler loop in the background. The GPU box follows the
+    emulator's instance record: while the instance is stopped, ComfyUI and the adapter are not running;
+    `instance start` (or a submit, or the scheduler) boots them; `instance stop` (or the scheduler's
+    idle stop) shuts them down, the adapter draining first. Any command works with --profile local.
+    With --endpoint-url (LocalStack …), that endpoint is used instead of starting the emulator.
 
     Examples:
 
-        gpuctl local up
+        gpuctl local up --idle 2m
 
         gpuctl --profile local submit camera-angle photo.jpg --wait
 
-        gpuctl --endpoint-url http://127.0.0.1:4566 local up
+        gpuctl local up --comfyui-url http://127.0.0.1:8188 --workflows ./my-workflows
     """
-    from gpuctl.services.local import LocalOptions, local_up
+    from gpuctl.services.local import local_options, local_up
 
     out = state(ctx).renderer(output, quiet)
+    options = local_options(seconds_per_job=seconds_per_job, idle=idle, boot_delay=boot_delay,
+                            comfyui_url=comfyui_url, workflows=workflows)
     with _Steps(out, "Starting local mode…") as steps:
-        result = local_up(**_target(ctx),
-                          options=LocalOptions(seconds_per_job=seconds_per_job, idle_minutes=idle_minutes),
-                          on_step=steps.step)
+        result = local_up(**_target(ctx), options=options, on_step=steps.step)
     _render_up(out, result)
+    if result.readiness is not None and not result.readiness.ready:
+        raise typer.Exit(1)
 
 
 def _render_up(out: Renderer, result: UpResult) -> None:
@@ -79,22 +95,46 @@ def _render_up(out: Renderer, result: UpResult) -> None:
         out.ids([result.status.endpoint_url or ""])
         return
     _components_table(out, result.status)
+    for warning in result.warnings:
+        out.warn(warning)
+    if result.readiness is not None:
+        verdict = "ready" if result.readiness.ready else "NOT ready"
+        out.note(f"The adapter's readiness check on your ComfyUI: {verdict}.\n{result.readiness.report}")
     if result.action == "already-up":
         out.note("Local mode is already up.")
     elif result.action == "restarted":
         out.note(f"Restarted {', '.join(result.restarted)}.")
     else:
         out.note(f"Local mode is up ({result.seconds:.1f} s). Profile: {result.config_path}")
-    out.note("Try: gpuctl --profile local submit camera-angle IMAGE --wait   (stop it: gpuctl local down)")
+    out.note("Try: gpuctl --profile local submit camera-angle IMAGE --wait   (it boots the GPU box; "
+             "stop everything: gpuctl local down)")
+
+
+def _box_health(box: BoxView | None) -> str:
+    if box is None:
+        return ""
+    if box.state == "booting" and box.since is not None:
+        return f"booting ({time.time() - box.since:.1f} s)"
+    return box.state
 
 
 def _components_table(out: Renderer, status: StatusResult) -> None:
-    rows = [(c.name, c.pid, "ok" if c.healthy else c.detail, c.url or "") for c in status.components]
+    def health(name: str, healthy: bool, detail: str) -> str:
+        if name == "box":
+            return _box_health(status.box) if healthy else detail
+        return "ok" if healthy and detail == "ok" else detail
+
+    rows = [(f"  {c.name}" if c.on_box else c.name, c.pid, health(c.name, c.healthy, c.detail), c.url or "")
+            for c in status.components]
     out.table(["Component", "PID", "Health", "URL"], rows,
               title=f"Local mode — AWS endpoint {status.endpoint_url}"
                     + (" (external)" if status.external_endpoint else ""))
+    box = status.box
+    if box is not None:
+        out.note(f"GPU box: {box.state} — {box.detail} (instance {box.instance_id}: {box.instance_state}; "
+                 f"boot delay {box.boot_delay:g} s; the scheduler stops it after {box.idle_seconds:g} s idle)")
     # Paths on their own lines: a table column would cut them on a narrow terminal.
-    out.pairs([(f"{c.name} log", c.log) for c in status.components])
+    out.pairs([(f"{c.name} log", c.log) for c in status.components if c.log])
 
 
 # --- gpuctl local down -----------------------------------------------------------------------------
@@ -129,15 +169,16 @@ def down(ctx: typer.Context, output: OutputOpt = None,
 @app.command("status")
 def status(ctx: typer.Context, output: OutputOpt = None,
            quiet: Annotated[bool, quiet_opt("healthy, unhealthy or down")] = False) -> None:
-    """Show each local component's health (its pid still ours, answering) and where its log is.
+    """Show the GPU box (off, booting, up, stopping), each component's health and where its log is.
 
+    ComfyUI and the adapter run on the GPU box: while it is off they are not running, and that is healthy.
     Exit 0 when all are healthy, 1 when local mode is down or a component is not.
 
     Examples:
 
         gpuctl local status
 
-        gpuctl local status --output json | jq '.components[] | {name, healthy, log}'
+        gpuctl local status --output json | jq -r .box.state
     """
     from gpuctl.services.local import local_status
 
@@ -191,40 +232,34 @@ def demo(
     output_dir: Annotated[Path, typer.Option("--output-dir", file_okay=False,
                                              help="Where the sample and the results are written.")]
     = Path("gpuctl-demo"),
-    keep: Annotated[bool, typer.Option("--keep", help="Leave local mode running afterwards.")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="Leave local mode running afterwards (watch the idle "
+                                                      "stop with `gpuctl local status`).")] = False,
+    idle: IdleOpt = "5m",
     timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Give up on the jobs after S seconds "
                                                                       "(exit 3).")] = 180.0,
     output: OutputOpt = None,
 ) -> None:
-    """Run the whole pipeline on this machine: one job of each type on a sample picture, results saved.
+    """Run the whole pipeline on this machine: a cold start of the GPU box, one job of each type, results saved.
 
-    Brings local mode up (unless it is up), submits the sample as a camera-angle job and a
-    qwen-image-edit job, follows them live, downloads the results to --output-dir and shows how long
-    each step took; then takes local mode down again (unless --keep, or it was already up). Needs no
-    AWS account, credentials or network. The images come from a CPU stand-in, not the model.
+    Brings local mode up with the GPU box off (unless local mode is up), submits the sample picture as a
+    camera-angle job and a qwen-image-edit job (the submit starts the instance, the box boots), follows
+    them live, downloads the results to --output-dir and shows how long each stage took: queue wait,
+    boot, execution, publish. Then it takes local mode down again (unless --keep, or it was already up).
+    Needs no AWS account, credentials or network. The images come from a CPU stand-in, not the model.
 
     Examples:
 
         gpuctl demo
 
-        gpuctl demo --keep --output-dir /tmp/demo
+        gpuctl demo --keep --idle 2m --output-dir /tmp/demo
     """
-    from gpuctl.services.local import run_demo
+    from gpuctl.services.demo import run_demo
+    from gpuctl.services.local import local_options
 
     out = state(ctx).renderer(output)
-    view = _DemoView(out)
-    with _Steps(out, "Starting local mode…") as steps:
-        def on_step(message: str) -> None:
-            if message.startswith("Submitting"):
-                steps.close()  # the jobs' live view takes over the terminal
-            if steps.closed:
-                view.step(message)
-            else:
-                steps.step(message)
-
-        with view:
-            result = run_demo(output_dir, keep=keep, timeout=timeout, on_step=on_step, on_change=view.update,
-                              **_target(ctx))
+    options = local_options(idle=idle)
+    with _Steps(out, "Starting local mode…") as steps, _DemoView(out, steps) as view:
+        result = run_demo(output_dir, keep=keep, timeout=timeout, options=options, events=view, **_target(ctx))
     _render_demo(out, result)
 
 
@@ -239,16 +274,27 @@ def _render_demo(out: Renderer, result: DemoResult) -> None:
         out.data(result.document())
         return
     up_note = "already up" if result.up and result.up.action == "already-up" else _secs(result.up_s)
-    rows = [(j.kind, j.status, _secs(j.submit_s), _secs(j.queued_s), _secs(j.processing_s), _secs(j.download_s))
-            for j in result.jobs]
-    out.table(["Job", "Status", "Submit", "Queued", "Processing", "Download"], rows,
-              title=f"gpuctl demo — local mode up: {up_note}, total {result.total_s:.1f} s")
+    # One column per job, one row per step: the steps read top to bottom, and it fits 80 columns.
+    steps = [("Submit", "submit_s"), ("Queue wait", "queue_wait_s"), ("Boot", "boot_s"),
+             ("Execution", "execution_s"), ("Publish", "publish_s"), ("Download", "download_s")]
+    rows = [(label, *(_secs(getattr(j, name)) for j in result.jobs)) for label, name in steps]
+    rows.append(("Status", *(j.status for j in result.jobs)))
+    out.table(["Step", *(j.kind for j in result.jobs)], rows, title=f"gpuctl demo — {result.total_s:.1f} s in all")
     out.pairs([("sample", result.sample), *((j.kind, j.path) for j in result.jobs)])
-    out.note("Queued: submitted → picked up by the adapter. Processing: picked up → completed.")
+    box = result.box
+    out.note(f"Local mode: up in {up_note}.")
+    if result.box_before == "off" and box is not None and box.boot_seconds is not None:
+        out.note(f"The GPU box was off: the first submit started its instance and it booted in "
+                 f"{box.boot_seconds:.1f} s ({box.boot_delay:g} s boot delay, then ComfyUI and the adapter).")
+    out.note("Queue wait: in the queue while no box was booting (the adapter's poll, staging the input, "
+             "ComfyUI's queue). Boot: waiting for the GPU box to boot. Execution: ComfyUI running the "
+             "workflow. Publish: the result uploaded to S3 and the job marked completed.")
     out.note(f"Results are in {result.output_dir}/ — made by the CPU stand-in for ComfyUI, not by the model.")
     if result.down is None:
-        out.note("Local mode is still running: try `gpuctl --profile local jobs list`; stop it with "
-                 "`gpuctl local down`.")
+        idle = f"{box.idle_seconds:g} s" if box else "the idle window"
+        out.note(f"Local mode is still running: the scheduler stops the idle GPU box after {idle} "
+                 "(watch it: `gpuctl local status`, `gpuctl --profile local instance why-stopped`); "
+                 "stop everything with `gpuctl local down`.")
 
 
 # --- progress on stderr ----------------------------------------------------------------------------
@@ -288,26 +334,49 @@ class _Steps(AbstractContextManager["_Steps"]):
 
 
 class _DemoView(AbstractContextManager["_DemoView"]):
-    """The demo's jobs while they run: a Rich live table on a terminal, one stderr line per change else."""
+    """The demo while it runs: step lines (with the GPU box's changes) and the jobs, as a Rich live table on a
+    terminal or one stderr line per change otherwise. The live table is finished before local mode goes down."""
 
-    def __init__(self, out: Renderer) -> None:
+    def __init__(self, out: Renderer, steps: _Steps) -> None:
         self._out = out
+        self._steps = steps
         self._jobs: dict[str, tuple[DemoJob, JobRecord]] = {}
         self._live: Any = None
+        self._box: BoxView | None = None
         self._t0 = time.monotonic()
 
     def __exit__(self, *exc: object) -> None:
-        if self._live is not None:
-            self._live.refresh()
-            self._live.stop()
-            self._live = None
+        self.jobs_finished()
 
-    def step(self, message: str) -> None:
+    def _line(self, message: str) -> None:
         if not self._out.json:
             elapsed = time.monotonic() - self._t0
             err_console().print(f"[dim]{elapsed:6.1f}s[/] {message}", highlight=False, soft_wrap=True)
 
-    def update(self, job: DemoJob, record: JobRecord) -> None:
+    def step(self, message: str) -> None:
+        if message.startswith("Submitting"):
+            self._steps.close()  # the jobs' view takes over the terminal
+        if self._steps.closed:
+            self._line(message)
+        else:
+            self._steps.step(message)
+
+    def box_changed(self, box: BoxView) -> None:
+        self._box = box
+        if box.state == "booting":
+            self._line(f"The GPU box is booting (instance {box.instance_id} started; boot delay {box.boot_delay:g} s,"
+                       " then ComfyUI and the adapter) …")
+        elif box.state == "up":
+            boot = f" after {box.boot_seconds:.1f} s" if box.boot_seconds is not None else ""
+            self._line(f"The GPU box is up{boot}: the adapter polls the queue.")
+        elif box.state == "off":
+            self._line(f"The GPU box is off (instance {box.instance_id} {box.instance_state}).")
+        else:
+            self._line(f"The GPU box is {box.state}.")
+        if self._live is not None:
+            self._live.refresh()
+
+    def job_changed(self, job: DemoJob, record: JobRecord) -> None:
         self._jobs[job.job_id] = (job, record)
         if self._out.json:
             return
@@ -322,11 +391,18 @@ class _DemoView(AbstractContextManager["_DemoView"]):
             self._live.start()
         self._live.refresh()
 
+    def jobs_finished(self) -> None:
+        if self._live is not None:
+            self._live.refresh()
+            self._live.stop()
+            self._live = None
+
     def __rich__(self) -> Any:
         from rich.progress_bar import ProgressBar
         from rich.table import Table
 
-        table = Table("Job", "ID", "Status", "Progress", header_style="bold")
+        table = Table("Job", "ID", "Status", "Progress", header_style="bold",
+                      caption=f"GPU box: {_box_health(self._box)}" if self._box else None, caption_justify="left")
         for job, record in self._jobs.values():
             done = 1.0 if record.status.value == "completed" else (record.progress or 0.0)
             table.add_row(job.kind, job.job_id, record.status.value, ProgressBar(total=1.0, completed=done, width=24))

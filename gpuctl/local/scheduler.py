@@ -7,6 +7,9 @@ background process: it loads ``lambda/handler.py`` the way the Lambda runtime do
 configuration (what CloudFormation set: queue, table, instance, idle minutes), and calls the handler's
 ``run_once`` on every tick, as the schedule would.
 
+``--idle-minutes`` replaces the function's ``IDLE_MINUTES``: local mode rehearses the idle stop in minutes,
+while the stack keeps the template's bounds (IdleMinutes is at least 5 there).
+
     python -m gpuctl.local.scheduler --endpoint-url http://127.0.0.1:PORT --function-name gpuctl-gpu-scheduler
 
 Logs one JSON object per line on stderr; ``local_scheduler.ready`` after the first successful tick. Each decision
@@ -104,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--function-name", required=True, help="the deployed scheduler function (for its environment)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between runs (default 5)")
     p.add_argument("--lambda-dir", type=Path, default=None, help="folder holding handler.py (default: gpuctl's)")
+    p.add_argument("--idle-minutes", type=float, default=None,
+                   help="idle window instead of the function's IDLE_MINUTES (may be fractional)")
     return p
 
 
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = load_handler(args.lambda_dir)
     try:
         env = _function_env(args.endpoint_url, args.region, args.function_name)
+        if args.idle_minutes is not None:
+            env["IDLE_MINUTES"] = f"{args.idle_minutes:g}"
         config = handler.SchedulerConfig.from_env(
             {**env, "AWS_ENDPOINT_URL": args.endpoint_url, "AWS_DEFAULT_REGION": args.region})
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ValueError) as exc:
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     clients = handler.make_clients(config.region, config.endpoint_url)
     shipper = _DecisionShipper(args.endpoint_url, args.region, args.function_name)
     log.info("local_scheduler.started", extra={"function": args.function_name, "interval_s": args.interval,
-                                               "instance_id": config.instance_id})
+                                               "instance_id": config.instance_id,
+                                               "idle_minutes": env.get("IDLE_MINUTES")})
     ready = False
     last: tuple[Any, ...] | None = None
     # Like the EventBridge schedule: one run per tick; a failed run is logged and the next tick tries again.

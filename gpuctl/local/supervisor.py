@@ -45,6 +45,7 @@ __all__ = [
     "identity",
     "is_alive",
     "owns",
+    "send_signal",
     "spawn",
     "state_dir",
     "stop",
@@ -374,6 +375,19 @@ def _open_pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except OSError:
         return None
+
+
+def send_signal(record: ComponentRecord, sig: signal.Signals) -> bool:
+    """Send ``sig`` to the component while its pid is still the process started; False when it is not."""
+    pidfd = _open_pidfd(record.pid)
+    try:
+        if not owns(record):
+            return False
+        _signal(record.pid, pidfd, sig)
+        return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def stop(record: ComponentRecord, *, timeout: float = 10.0) -> StopOutcome:

@@ -1,4 +1,5 @@
-"""Local mode: `gpuctl local up|status|down` with real background processes, and `gpuctl demo` end to end.
+"""Local mode with real background processes: `gpuctl local up|status|down`, the GPU box that follows the
+instance record, the README's runbooks practised on it, your own ComfyUI, and `gpuctl demo` end to end.
 
 Each test uses its own state folder (GPUCTL_LOCAL_DIR) and config folder (GPUCTL_CONFIG_DIR), and stops
 every process it started, also when it fails.
@@ -8,20 +9,28 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 
 from gpuctl.local import supervisor as sv
 from gpuctl.services import local
+from gpuctl.services.local import LocalOptions
+from tests.conftest import free_port
 from tests.helpers import make_image, run_cli
 
 pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -33,14 +42,57 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     local.local_down(folder)
 
 
-def _pids(status: local.StatusResult) -> list[int]:
-    return [c.pid for c in status.components if c.pid is not None]
+def _pids(status: local.StatusResult) -> dict[str, int]:
+    return {c.name: c.pid for c in status.components if c.pid is not None}
 
 
-def test_up_status_job_end_to_end_then_down(state_dir: Path, clean_env: Path, tmp_path: Path) -> None:
-    """up starts four healthy components; a submitted job completes with its result stored; down stops them."""
-    # GIVEN local mode brought up from nothing
-    result = local.local_up(options=local.LocalOptions(seconds_per_job=0.5))
+def _gpuctl(command: str, job: str = "", env: dict[str, str] | None = None,
+            timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """A README command line run against local mode: `--profile local` after `gpuctl`, $JOB filled in."""
+    words = shlex.split(command.split("#", 1)[0].replace("$JOB", job))
+    assert words[0] == "gpuctl", command
+    extra = [] if words[1] == "local" else ["--profile", "local"]
+    return run_cli([*extra, *words[1:]], env or {}, timeout=timeout)
+
+
+def _runbook() -> tuple[list[str], dict[str, str]]:
+    """The README's "Task stuck in pending" section: its commands, and each table row's fix by what it shows."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("**Task stuck in `pending`**", 1)[1].split("\n**", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S)
+    assert block is not None
+    commands = [line.strip() for line in block.group(1).splitlines() if line.strip()]
+    fixes = {}
+    for row in re.findall(r"^\| (.+) \|$", section, flags=re.M):
+        cells = [c.strip() for c in row.split(" | ")]
+        if len(cells) == 3 and cells[0].startswith("`Why it waits:"):
+            fixes[cells[0].split("`")[1]] = cells[2]
+    return commands, fixes
+
+
+def _box_state() -> str | None:
+    box = local.local_status().box
+    return box.state if box else None
+
+
+def _wait(condition: object, timeout: float = 60.0) -> None:
+    assert sv.wait_until(condition, timeout=timeout), f"not within {timeout} s"  # type: ignore[arg-type]
+
+
+def _job_status(job: str) -> str:
+    """The job's status, read in-process (a CLI call takes most of a second; some waits need to be quicker)."""
+    from gpuctl.local.components import LocalClients, local_settings
+    from gpuctl.services.context import Gateways
+
+    settings = local_settings()
+    return Gateways(settings, LocalClients(settings)).table.get(job).status.value
+
+
+def test_pending_runbook_on_the_stopped_box(state_dir: Path, clean_env: Path, tmp_path: Path) -> None:
+    """Box off, a job pending: the README's commands show why, its fix completes the job; `instance stop`
+    shuts the box down again (the adapter stopped by SIGTERM); down stops everything."""
+    # GIVEN local mode up, with the scheduler's next run far off (so that it does not start the instance itself)
+    result = local.local_up(options=LocalOptions(seconds_per_job=0.5, boot_delay=1.0, scheduler_interval=600))
     assert result.action == "started"
     assert sorted(result.filled) == ["alarm gpuctl-gpu-queue-idle", "alarm gpuctl-gpu-scheduler-errors",
                                      "ttl task_store.expires_at"]
@@ -48,40 +100,59 @@ def test_up_status_job_end_to_end_then_down(state_dir: Path, clean_env: Path, tm
     assert endpoint is not None and endpoint.startswith("http://127.0.0.1:")
     profile = (clean_env / "local.toml").read_text()
     assert "queue_url" in profile and endpoint in profile
-
-    # WHEN its status is asked for, through the CLI
+    # … with the GPU box off: no ComfyUI, no adapter, and that is healthy
     status = run_cli(["local", "status", "--output", "json"], {})
-    # THEN every component is ours and answering
     assert status.returncode == 0, status.stderr
     doc = json.loads(status.stdout)
-    assert [c["name"] for c in doc["components"]] == ["aws", "comfyui", "adapter", "scheduler"]
-    assert all(c["healthy"] for c in doc["components"]), doc
-    assert all(Path(c["log"]).is_file() for c in doc["components"])
+    assert doc["box"]["state"] == "off" and doc["box"]["instance_state"] == "stopped"
+    assert [c["name"] for c in doc["components"]] == ["aws", "box", "scheduler", "comfyui", "adapter"]
+    assert [(c["running"], c["healthy"]) for c in doc["components"][3:]] == [(False, True), (False, True)]
 
-    # WHEN a job is submitted with the local profile, as a user would
+    # WHEN a job is submitted without starting the instance
     image = make_image(tmp_path / "in.png", size=(96, 64))
-    submit = run_cli(["--profile", "local", "submit", "camera-angle", str(image), "--vertical", "1",
-                      "--wait", "--timeout", "60", "-q"], {}, timeout=90)
-    # THEN the adapter ran it on the stand-in and the record and the result object are there
+    submit = run_cli(["--profile", "local", "submit", "camera-angle", str(image), "--no-start", "-q"], {})
     assert submit.returncode == 0, submit.stderr
-    job_id, result_url = submit.stdout.split()
-    table = local.local_settings().require("table_name")
-    item = boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1").get_item(
-        TableName=table, Key={"task_id": {"S": job_id}})
-    assert item["Item"]["status"]["S"] == "completed"
-    assert item["Item"]["result_s3_uri"]["S"] == result_url
-    bucket, key = result_url.removeprefix("s3://").split("/", 1)
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
+    job = submit.stdout.strip()
+    # THEN nothing runs it while the instance is stopped (a wait for something that must not happen)
+    time.sleep(2.0)
+    assert _job_status(job) == "pending" and _box_state() == "off"
+    assert not any(c.running for c in local.local_status().components if c.on_box)
 
-    # WHEN up runs again
-    again = local.local_up()
-    # THEN it says so and starts nothing
-    assert again.action == "already-up"
-    assert _pids(again.status) == _pids(result.status)
+    # WHEN the README's runbook commands are run
+    commands, fixes = _runbook()
+    shown = {c.split("#")[0].strip(): _gpuctl(c, job) for c in commands}
+    # THEN they say why: the job waits on a stopped instance, with its message in the queue
+    assert all(p.returncode == 0 for p in shown.values()), {c: p.stderr for c, p in shown.items()}
+    why = shown["gpuctl status $JOB"]
+    assert "pending" in why.stdout and "Why it waits: The GPU instance" in why.stderr and "is stopped" in why.stderr
+    assert re.search(r"state\s+stopped", shown["gpuctl instance status"].stdout)
+    assert re.search(r"visible\s+1\b", shown["gpuctl queue stats"].stdout)
+
+    # WHEN the fix the README gives for it is run
+    fix = re.findall(r"`(gpuctl [^`]+)`", fixes["Why it waits: The GPU instance … is stopped"])[0]
+    assert _gpuctl(fix).returncode == 0
+    # THEN the box boots and the job completes, its result stored
+    watched = _gpuctl("gpuctl watch $JOB --timeout 60", job)
+    assert watched.returncode == 0, watched.stderr
+    assert _box_state() == "up"
+    result_url = _gpuctl("gpuctl status $JOB --output json", job).stdout
+    bucket, key = json.loads(result_url)["result_s3_uri"].removeprefix("s3://").split("/", 1)
+    assert boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").head_object(
+        Bucket=bucket, Key=key)["ContentLength"] > 0
+    up = local.local_status()
+    assert up.healthy, up
+    box_pids = {n: p for n, p in _pids(up).items() if n in ("comfyui", "adapter")}
+
+    # WHEN the instance is stopped
+    assert _gpuctl("gpuctl instance stop --wait").returncode == 0
+    # THEN the box shuts down: the adapter got SIGTERM and stopped cleanly, then ComfyUI
+    _wait(lambda: _box_state() == "off", timeout=30)
+    assert not any(sv.is_alive(pid) for pid in box_pids.values())
+    adapter_log = (state_dir / "logs" / "adapter.log").read_text()
+    assert '"signal": "SIGTERM"' in adapter_log and '"adapter.stopped"' in adapter_log
 
     # WHEN local mode is taken down
-    pids = _pids(result.status)
+    pids = list(_pids(local.local_status()).values())
     down = run_cli(["local", "down", "--output", "json"], {})
     # THEN every process is gone, the state is removed, and so is the profile it wrote
     assert down.returncode == 0, down.stderr
@@ -92,14 +163,77 @@ def test_up_status_job_end_to_end_then_down(state_dir: Path, clean_env: Path, tm
     assert local.local_status().up is False
 
 
+def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: Path, tmp_path: Path) -> None:
+    """The scheduler boots the box for a --no-start job and stops it when idle; the README's runbook for a
+    running instance whose adapter is stopped shows why and its local fix completes the job; a forced stop
+    while a job runs lets the adapter finish it (SIGTERM drain) before the box goes off."""
+    # GIVEN local mode with a 1 s schedule and a 15 s idle window
+    local.local_up(options=LocalOptions(seconds_per_job=2.5, boot_delay=0.5, scheduler_interval=1.0,
+                                        idle_seconds=15.0))
+    image = make_image(tmp_path / "in.png", size=(96, 64))
+    endpoint = local.local_status().endpoint_url
+
+    # WHEN a job is submitted without starting the instance
+    first = run_cli(["--profile", "local", "submit", "camera-angle", str(image), "--no-start", "--wait",
+                     "--timeout", "60", "-q"], {}, timeout=90)
+    # THEN the scheduler loop started it (the message waited on a stopped instance) and the job completed
+    assert first.returncode == 0, first.stderr
+    ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name="us-east-1")
+    tags = {t["Key"]: t["Value"] for t in ec2.describe_tags()["Tags"]}
+    assert tags["gpuctl:started-by"] == "gpuctl-scheduler"
+    # … and stops the idle box after the idle window
+    _wait(lambda: _box_state() == "off", timeout=45)
+    why_stopped = _gpuctl("gpuctl instance why-stopped")
+    assert "idle" in why_stopped.stdout and "gpuctl-scheduler" in why_stopped.stdout
+
+    # WHEN the box is up and only the adapter is stopped, as `systemctl stop` would
+    assert _gpuctl("gpuctl instance start --wait").returncode == 0
+    _wait(lambda: _box_state() == "up", timeout=30)
+    os.kill(int((state_dir / "adapter.pid").read_text()), signal.SIGTERM)
+    _wait(lambda: not (state_dir / "adapter.pid").exists(), timeout=30)
+    # … and a job is submitted
+    job = run_cli(["--profile", "local", "submit", "camera-angle", str(image), "-q"], {}).stdout.strip()
+    time.sleep(1.5)  # longer than the stuck_after given below
+    # THEN the README's commands show that nothing polls the queue, and local status names the adapter
+    commands, fixes = _runbook()
+    env = {"GPUCTL_STUCK_AFTER": "1"}
+    shown = {c.split("#")[0].strip(): _gpuctl(c, job, env) for c in commands}
+    why = shown["gpuctl status $JOB"]
+    assert "Why it waits: Nothing is polling the queue" in why.stderr, why.stderr
+    assert re.search(r"state\s+running", shown["gpuctl instance status"].stdout)
+    assert re.search(r"in flight\s+0\b", shown["gpuctl queue stats"].stdout)
+    health = run_cli(["local", "status", "--output", "json"], {})
+    adapter = next(c for c in json.loads(health.stdout)["components"] if c["name"] == "adapter")
+    assert health.returncode == 1 and adapter["detail"].startswith("stopped: it exited cleanly")
+
+    # WHEN the README's local-mode fix for it is run
+    fix_cell = fixes["Why it waits: Nothing is polling the queue"]
+    fix = re.findall(r"`(gpuctl local [^`]+)`", fix_cell.split("local mode:", 1)[1])[-1]
+    fixed = _gpuctl(fix)
+    # THEN the adapter is started again and the job completes
+    assert fixed.returncode == 0, fixed.stderr
+    assert "Restarted adapter" in fixed.stderr
+    assert _gpuctl("gpuctl watch $JOB --timeout 60", job).returncode == 0
+
+    # WHEN a job runs and the instance is stopped by force
+    job = run_cli(["--profile", "local", "submit", "camera-angle", str(image), "-q"], {}).stdout.strip()
+    _wait(lambda: _job_status(job) == "processing", timeout=30)  # the claim: the job is in the adapter's hands
+    stop = _gpuctl("gpuctl instance stop --force --wait")
+    assert stop.returncode == 0, stop.stderr
+    # THEN the adapter drains: it finishes the job in hand before it exits, and then the box goes off
+    _wait(lambda: _box_state() == "off", timeout=30)
+    assert _job_status(job) == "completed"
+    log = (state_dir / "logs" / "adapter.log").read_text()
+    assert log.rindex('"adapter.draining"') < log.rindex('"adapter.job_completed"') < log.rindex('"adapter.stopped"')
+
+
 def test_up_restarts_a_component_that_died(state_dir: Path) -> None:
     """With the emulator alive, a second up restarts only the component that died."""
     # GIVEN local mode is up and the scheduler loop has been killed
-    first = local.local_up(options=local.LocalOptions(seconds_per_job=0.5))
-    scheduler = next(c for c in first.status.components if c.name == "scheduler")
-    assert scheduler.pid is not None
-    os.kill(scheduler.pid, signal.SIGKILL)
-    assert sv.wait_until(lambda: not sv.is_alive(scheduler.pid or 0), timeout=5)
+    first = local.local_up(options=LocalOptions(seconds_per_job=0.5))
+    scheduler = _pids(first.status)["scheduler"]
+    os.kill(scheduler, signal.SIGKILL)
+    assert sv.wait_until(lambda: not sv.is_alive(scheduler), timeout=5)
     assert not local.local_status().healthy
 
     # WHEN up runs again
@@ -108,10 +242,9 @@ def test_up_restarts_a_component_that_died(state_dir: Path) -> None:
     # THEN only the scheduler was started again, and everything is healthy
     assert again.action == "restarted" and again.restarted == ["scheduler"]
     assert again.status.healthy
-    pids = dict(zip([c.name for c in again.status.components], _pids(again.status), strict=True))
-    assert pids["scheduler"] != scheduler.pid
-    assert [pids[n] for n in ("aws", "comfyui", "adapter")] == [
-        c.pid for c in first.status.components if c.name != "scheduler"]
+    pids = _pids(again.status)
+    assert pids["scheduler"] != scheduler
+    assert {n: pids[n] for n in ("aws", "box")} == {n: _pids(first.status)[n] for n in ("aws", "box")}
 
 
 @pytest.mark.parametrize("mismatch", ["cmdline", "start_time"])
@@ -147,7 +280,8 @@ def test_down_leaves_a_recycled_pid_alone(state_dir: Path, clean_env: Path, mism
 
 
 def test_demo_runs_end_to_end_in_a_subprocess(state_dir: Path, tmp_path: Path) -> None:
-    """`gpuctl demo` on a machine with nothing configured exits 0 with both results saved as PNGs."""
+    """`gpuctl demo` on a machine with nothing configured: the box starts off and boots for the first job,
+    both results are saved as PNGs, every step is timed, and local mode is down afterwards."""
     from PIL import Image
 
     # GIVEN no AWS credentials or config at all, no gpuctl profile, nothing running
@@ -159,13 +293,15 @@ def test_demo_runs_end_to_end_in_a_subprocess(state_dir: Path, tmp_path: Path) -
     proc = subprocess.run([sys.executable, "-m", "gpuctl", "demo", "--output-dir", str(out_dir), "--output", "json"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150, check=False)
 
-    # THEN it succeeded, wrote both results, and took local mode down again
+    # THEN it succeeded from a cold box, wrote both results, timed every step, and took local mode down again
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["taken_down"] is True and doc["local_mode"] == "started"
+    assert doc["gpu_box"]["before"] == "off" and doc["gpu_box"]["boot_seconds"] >= doc["gpu_box"]["boot_delay_seconds"]
     assert [j["status"] for j in doc["jobs"]] == ["completed", "completed"]
     for job in doc["jobs"]:
         assert all(v is not None for v in job["seconds"].values()), job
+        assert job["seconds"]["boot"] > 0 and job["seconds"]["execution"] > 0, job
         with Image.open(job["file"]) as image:
             image.verify()
             assert image.format == "PNG"
@@ -176,28 +312,64 @@ def test_demo_runs_end_to_end_in_a_subprocess(state_dir: Path, tmp_path: Path) -
 
 # The in-process server warns about the resource types its CloudFormation skips (the bucket policy …).
 @pytest.mark.filterwarnings("ignore:Tried to parse:UserWarning")
-def test_up_with_an_endpoint_uses_it_and_down_leaves_it_running(state_dir: Path, moto_server: str) -> None:
-    """Given --endpoint-url (as for LocalStack) no emulator is started; the rest runs against that endpoint."""
-    import httpx
-
-    # GIVEN an AWS-compatible endpoint that local mode did not start (here: moto's server in this process)
+def test_an_endpoint_and_your_comfyui(state_dir: Path, moto_server: str, tmp_path: Path) -> None:
+    """With --endpoint-url and --comfyui-url neither the emulator nor the stand-in is started: the box switches
+    only the adapter, and a workflow override needing a node class your ComfyUI lacks shows as the adapter's
+    reason in `local status`. Down leaves both running."""
+    # GIVEN an AWS endpoint and a ComfyUI that local mode did not start (the stand-in run on its own)
     httpx.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
+    port = free_port()
+    yours = subprocess.Popen([sys.executable, "-m", "gpuctl", "local", "comfyui", "--port", str(port),
+                              "--seconds-per-job", "0.3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    comfy = f"http://127.0.0.1:{port}"
+    workflows = tmp_path / "my-workflows"
+    workflows.mkdir()
     try:
-        # WHEN local mode comes up against it
-        result = local.local_up(endpoint_url=moto_server, options=local.LocalOptions(seconds_per_job=0.5))
-
-        # THEN only the stand-in, the adapter and the scheduler run, all healthy, and the stack is there
+        _wait(lambda: sv.http_ok(f"{comfy}/system_stats"), timeout=30)
+        # WHEN local mode comes up against both
+        options = local.local_options(seconds_per_job=0.3, boot_delay=0.2, comfyui_url=comfy + "/",
+                                      workflows=workflows)
+        result = local.local_up(endpoint_url=moto_server, options=options)
+        # THEN only the box and the scheduler were started, and your ComfyUI is shown as yours
         assert result.status.external_endpoint and result.status.endpoint_url == moto_server
-        assert [c.name for c in result.status.components] == ["comfyui", "adapter", "scheduler"]
+        names = [(c.name, c.pid is not None) for c in result.status.components]
+        assert names == [("box", True), ("scheduler", True), ("comfyui", False), ("adapter", False)]
+        assert result.status.box is not None and result.status.box.comfyui_url == comfy
         assert result.status.healthy
         cfn = boto3.client("cloudformation", endpoint_url=moto_server, region_name="us-east-1")
         assert cfn.describe_stacks(StackName="gpuctl")["Stacks"][0]["StackStatus"] == "CREATE_COMPLETE"
 
+        # WHEN a job is submitted, and the instance stopped afterwards
+        image = make_image(tmp_path / "in.png", size=(96, 64))
+        done = run_cli(["--profile", "local", "submit", "camera-angle", str(image), "--wait", "--timeout", "60",
+                        "-q"], {}, timeout=90)
+        assert done.returncode == 0, done.stderr
+        assert _gpuctl("gpuctl instance stop --wait").returncode == 0
+        _wait(lambda: _box_state() == "off", timeout=30)
+        # THEN your ComfyUI ran it and still runs: the box switched only the adapter
+        assert yours.poll() is None and sv.http_ok(f"{comfy}/system_stats")
+
+        # WHEN the override folder gets a camera-angle graph with a node class your ComfyUI lacks, and it boots
+        graph = json.loads((ROOT / "adapter" / "workflows" / "camera-angle.json").read_text())
+        next(iter(graph.values()))["class_type"] = "NoSuchNodeClass"
+        (workflows / "camera-angle.json").write_text(json.dumps(graph))
+        assert _gpuctl("gpuctl instance start --wait").returncode == 0
+
+        # THEN `local status` shows the adapter's own reason, and exits 1
+        def adapter_detail() -> str:
+            return next(c.detail for c in local.local_status().components if c.name == "adapter")
+
+        _wait(lambda: "NoSuchNodeClass" in adapter_detail(), timeout=30)
+        status = run_cli(["local", "status"], {})
+        assert status.returncode == 1
+        assert "lacks node classes the workflows need: NoSuchNodeClass" in status.stdout + status.stderr
+
         # WHEN it is taken down
         down = local.local_down()
-
-        # THEN its own processes stopped and the endpoint still answers
-        assert [o.name for o in down.stopped] == ["scheduler", "adapter", "comfyui"]
-        assert sv.http_ok(f"{moto_server}/moto-api/config")
+        # THEN its own processes stopped; the endpoint and your ComfyUI still answer
+        assert [o.name for o in down.stopped] == ["scheduler", "box"]
+        assert sv.http_ok(f"{moto_server}/moto-api/config") and sv.http_ok(f"{comfy}/system_stats")
     finally:
+        yours.terminate()
+        yours.wait(timeout=10)
         httpx.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
