@@ -231,7 +231,8 @@ class BoxController:
         try:
             service.record = self._specs[service.name].start(self._root)
         except GpuctlError as exc:
-            service.state, service.detail, service.restart_at = "restarting", str(exc), self._clock() + self._restart_delay
+            service.state, service.detail = "restarting", str(exc)
+            service.restart_at = self._clock() + self._restart_delay
             log.error("box.service_not_started", extra={"service": service.name, "error": str(exc)})
             return
         service.state, service.exit_code, service.restart_at = "starting", None, None

@@ -336,6 +336,12 @@ def test_an_endpoint_and_your_comfyui(state_dir: Path, moto_server: str, tmp_pat
         assert names == [("box", True), ("scheduler", True), ("comfyui", False), ("adapter", False)]
         assert result.status.box is not None and result.status.box.comfyui_url == comfy
         assert result.status.healthy
+        # … and the adapter's readiness check ran on it, where the adapter has `gpuctl adapter check`
+        from gpuctl.cli.adapter import app as adapter_app
+
+        has_check = any(command.name == "check" for command in adapter_app.registered_commands)
+        assert (result.readiness is not None) == has_check
+        assert result.readiness is None or result.readiness.ready, result.readiness
         cfn = boto3.client("cloudformation", endpoint_url=moto_server, region_name="us-east-1")
         assert cfn.describe_stacks(StackName="gpuctl")["Stacks"][0]["StackStatus"] == "CREATE_COMPLETE"
 
