@@ -110,6 +110,10 @@ def _render_up(out: Renderer, result: UpResult) -> None:
              "stop everything: gpuctl local down)")
 
 
+def _span(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
 def _box_health(box: BoxView | None) -> str:
     if box is None:
         return ""
@@ -120,9 +124,7 @@ def _box_health(box: BoxView | None) -> str:
 
 def _components_table(out: Renderer, status: StatusResult) -> None:
     def health(name: str, healthy: bool, detail: str) -> str:
-        if name == "box":
-            return _box_health(status.box) if healthy else detail
-        return "ok" if healthy and detail == "ok" else detail
+        return _box_health(status.box) if name == "box" and healthy else detail
 
     rows = [(f"  {c.name}" if c.on_box else c.name, c.pid, health(c.name, c.healthy, c.detail), c.url or "")
             for c in status.components]
@@ -132,7 +134,7 @@ def _components_table(out: Renderer, status: StatusResult) -> None:
     box = status.box
     if box is not None:
         out.note(f"GPU box: {box.state} — {box.detail} (instance {box.instance_id}: {box.instance_state}; "
-                 f"boot delay {box.boot_delay:g} s; the scheduler stops it after {box.idle_seconds:g} s idle)")
+                 f"boot delay {box.boot_delay:g} s; the scheduler stops it after {_span(box.idle_seconds)} idle)")
     # Paths on their own lines: a table column would cut them on a narrow terminal.
     out.pairs([(f"{c.name} log", c.log) for c in status.components if c.log])
 
@@ -291,7 +293,7 @@ def _render_demo(out: Renderer, result: DemoResult) -> None:
              "workflow. Publish: the result uploaded to S3 and the job marked completed.")
     out.note(f"Results are in {result.output_dir}/ — made by the CPU stand-in for ComfyUI, not by the model.")
     if result.down is None:
-        idle = f"{box.idle_seconds:g} s" if box else "the idle window"
+        idle = _span(box.idle_seconds) if box else "the idle window"
         out.note(f"Local mode is still running: the scheduler stops the idle GPU box after {idle} "
                  "(watch it: `gpuctl local status`, `gpuctl --profile local instance why-stopped`); "
                  "stop everything with `gpuctl local down`.")
