@@ -137,14 +137,9 @@ class BoxView:
     comfyui_url: str | None
     own_comfyui: bool  # the user's ComfyUI: the box switches only the adapter
     idle_seconds: float
-    boot_started_at: float | None = None
-    up_at: float | None = None
-
-    @property
-    def boot_seconds(self) -> float | None:
-        if self.boot_started_at is None or self.up_at is None:
-            return None
-        return self.up_at - self.boot_started_at
+    boot_started_at: float | None = None  # the last boot: when the box saw the instance start …
+    up_at: float | None = None  # … and when its adapter first polled
+    boot_seconds: float | None = None
 
     def document(self) -> dict[str, Any]:
         from gpuctl.times import stamp
@@ -276,7 +271,7 @@ def box_view(root: sv.StateDir, state: sv.LocalState, box_running: bool | None =
                        url, bool(options.comfyui_url), options.idle_seconds)
     return BoxView(status.state, status.instance_id, status.instance_state, status.since, status.boot_delay,
                    status.detail, url, bool(options.comfyui_url), options.idle_seconds,
-                   status.boot_started_at, status.up_at)
+                   status.boot_started_at, status.up_at, status.boot_seconds)
 
 
 def _service_health(root: sv.StateDir, name: str, box: BoxView, status: BoxStatus | None) -> ComponentHealth:
