@@ -74,6 +74,7 @@ class ServiceStatus:
     exit_code: int | None = None
     restart_at: float | None = None
     restarts: int = 0
+    ready_at: float | None = None  # when it said it was ready (its own log time), else when the box saw it
 
     def document(self) -> dict[str, Any]:
         data = asdict(self)
@@ -132,21 +133,49 @@ def read_box(root: sv.StateDir) -> BoxStatus | None:
     return BoxStatus.from_dict(data) if isinstance(data, dict) else None
 
 
-def _last_error(record: sv.ComponentRecord) -> str | None:
-    """The reason the service gave for stopping: its last error-level JSON log line of this run."""
+def _log_entries(record: sv.ComponentRecord) -> list[dict[str, Any]]:
+    """The JSON lines of the service's log from this run (other lines are skipped)."""
     try:
         with Path(record.log).open("rb") as handle:
             handle.seek(record.log_offset)
             lines = handle.read().decode(errors="replace").splitlines()
     except OSError:
-        return None
-    for line in reversed(lines):
+        return []
+    entries = []
+    for line in lines:
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def _last_error(record: sv.ComponentRecord) -> str | None:
+    """The reason the service gave for stopping: its last error-level log line of this run."""
+    for entry in reversed(_log_entries(record)):
+        if entry.get("level") in ("error", "critical"):
             return str(entry.get("error") or entry.get("event"))
+    return None
+
+
+def _waiting_for(record: sv.ComponentRecord) -> str | None:
+    """What a starting service says it waits for (the adapter logs its readiness ``problem`` while it waits)."""
+    for entry in reversed(_log_entries(record)):
+        if entry.get("problem"):
+            return str(entry["problem"])
+    return None
+
+
+def _ready_time(record: sv.ComponentRecord) -> float | None:
+    """The time on the service's own ready line (its ``ts``): the box's tick comes a little later."""
+    from gpuctl.times import parse_time
+
+    event = (record.ready_marker or "").strip('"')
+    for entry in _log_entries(record):
+        if event and entry.get("event") == event:
+            return parse_time(entry.get("ts"))
     return None
 
 
@@ -224,8 +253,8 @@ class BoxController:
             self._supervise(service, now)
         adapter = st.services.get("adapter")
         if st.state == "booting" and adapter is not None and adapter.state == "ready":
-            st.up_at = now
-            self._enter("up", "the adapter polls the queue", boot_s=round(now - (st.boot_started_at or now), 2))
+            st.up_at = adapter.ready_at or now
+            self._enter("up", "the adapter polls the queue", boot_s=round(st.up_at - (st.boot_started_at or now), 2))
 
     def _spawn(self, service: ServiceStatus) -> None:
         try:
@@ -250,8 +279,12 @@ class BoxController:
         code = _exit_code(service.record.pid)
         if code is None:
             if service.state == "starting" and _ready(service.record):
-                service.state = "ready"
+                service.state, service.ready_at = "ready", _ready_time(service.record) or now
+                service.detail = ""
                 log.info("box.service_ready", extra={"service": service.name})
+            elif service.state == "starting" and service.record.ready_marker is not None:
+                problem = _waiting_for(service.record)
+                service.detail = f"waiting: {problem}" if problem else ""
             return
         reason = _last_error(service.record) or f"exited with code {code}"
         service.record, service.exit_code = None, code

@@ -23,6 +23,7 @@ __all__ = ["fill_gaps"]
 log = logging.getLogger(__name__)
 
 Step = Callable[[str], None]
+_NO_VALUE = object()  # what Ref AWS::NoValue resolves to: the key (or list item) is left out
 
 
 def _cfn_yaml(text: str) -> dict[str, Any]:
@@ -69,27 +70,64 @@ class _Resolver:
         self._physical = {r["LogicalResourceId"]: r.get("PhysicalResourceId", "")
                           for r in resources if r.get("LogicalResourceId")}
         self._refs.update(self._physical)
+        self._conditions: dict[str, bool] = {}
 
     def physical(self, logical_id: str) -> str | None:
         return self._physical.get(logical_id)
 
     def resolve(self, value: Any) -> Any:
+        """``value`` with every intrinsic function replaced by what CloudFormation would pass (only the taken
+        branch of an ``Fn::If`` is resolved; ``AWS::NoValue`` drops its key or list item)."""
         if isinstance(value, list):
-            return [self.resolve(v) for v in value]
+            return [r for r in (self.resolve(v) for v in value) if r is not _NO_VALUE]
         if not isinstance(value, dict):
             return value
         if len(value) == 1:
             (key, arg), = value.items()
             if key == "Ref":
-                return self._ref(str(arg))
+                return _NO_VALUE if arg == "AWS::NoValue" else self._ref(str(arg))
             if key == "Fn::GetAtt":
                 return self._get_att(str(arg[0]), str(arg[1]))
             if key == "Fn::Sub":
                 return self._sub(arg)
+            if key == "Fn::If":
+                name, when_true, when_false = arg
+                return self.resolve(when_true if self.condition(str(name)) else when_false)
+            if key == "Fn::Select":
+                return self.resolve(arg[1])[int(self.resolve(arg[0]))]
+            if key == "Fn::Split":
+                return str(self.resolve(arg[1])).split(str(arg[0]))
+            if key == "Fn::Join":
+                return str(arg[0]).join(str(v) for v in self.resolve(arg[1]))
             if key.startswith("Fn::"):
                 raise GpuctlError(f"Local mode cannot resolve {key} in the template; extend "
                                   "gpuctl/local/stack_gaps.py (_Resolver).")
-        return {k: self.resolve(v) for k, v in value.items()}
+        resolved = {k: self.resolve(v) for k, v in value.items()}
+        return {k: v for k, v in resolved.items() if v is not _NO_VALUE}
+
+    def condition(self, name: str) -> bool:
+        """A condition of the template, evaluated with the stack's parameters."""
+        if name not in self._conditions:
+            declared = self._template.get("Conditions", {})
+            if name not in declared:
+                raise GpuctlError(f"The template has no condition {name}.")
+            self._conditions[name] = self._truth(declared[name])
+        return self._conditions[name]
+
+    def _truth(self, value: Any) -> bool:
+        (key, arg), = dict(value).items()
+        if key == "Condition":
+            return self.condition(str(arg))
+        if key == "Fn::Equals":
+            return str(self.resolve(arg[0])) == str(self.resolve(arg[1]))
+        if key == "Fn::Not":
+            return not self._truth(arg[0])
+        if key == "Fn::And":
+            return all(self._truth(v) for v in arg)
+        if key == "Fn::Or":
+            return any(self._truth(v) for v in arg)
+        raise GpuctlError(f"Local mode cannot evaluate the condition function {key}; extend "
+                          "gpuctl/local/stack_gaps.py (_Resolver._truth).")
 
     def _ref(self, name: str) -> str:
         if name not in self._refs:
@@ -163,7 +201,9 @@ def fill_gaps(clients: AwsClients, stack_name: str, *, template: Path | None = N
     created: list[str] = []
     for logical, resource in parsed.get("Resources", {}).items():
         kind, props = resource.get("Type"), resource.get("Properties", {})
-        if kind == "AWS::CloudWatch::Alarm" and "Condition" not in resource:
+        if "Condition" in resource and not resolver.condition(str(resource["Condition"])):
+            continue  # CloudFormation did not create it either
+        if kind == "AWS::CloudWatch::Alarm":
             created += _ensure_alarm(clients, _api_shape(resolver.resolve(props)), step)
         elif kind == "AWS::DynamoDB::Table" and props.get("TimeToLiveSpecification"):
             table = resolver.physical(logical)

@@ -298,7 +298,9 @@ def _service_health(root: sv.StateDir, name: str, box: BoxView, status: BoxStatu
         return ComponentHealth(name, pid, running, False, url, log_path, f"{state}: {reason}".rstrip(": "),
                                on_box=True)
     if box.state == "booting":
-        detail = "booting" if state == "stopped" else state
+        detail = f"{state}: {service.detail}" if service and service.detail else state
+        if state == "stopped":
+            detail = "booting"
         return ComponentHealth(name, pid, running, True, url, log_path, detail, on_box=True)
     healthy = running and state == "ready"
     return ComponentHealth(name, pid, running, healthy, url, log_path, "ok" if healthy else state, on_box=True)
@@ -326,6 +328,15 @@ def local_status(directory: Path | None = None) -> StatusResult:
 
 def _clients(state: sv.LocalState) -> AwsClients:
     return LocalClients(admin_settings(state))
+
+
+def _load_models(clients: AwsClients) -> None:
+    """Build the clients `up` uses (botocore loads each service's model once per session: most of a second
+    for EC2), so that the emulator's start-up, not this, is what `up` waits for."""
+    for service in ("sts", "lambda", "cloudwatch"):
+        clients.client(service)
+    for cached in (clients.ec2, clients.s3, clients.cloudformation, clients.sqs, clients.dynamodb):
+        assert cached is not None
 
 
 def _gpu_instance(clients: AwsClients) -> str:
@@ -367,12 +378,16 @@ def _fresh_up(target: _Target, root: sv.StateDir, options: LocalOptions, step: S
         state.options["standin_url"] = f"http://127.0.0.1:{sv.free_port()}"
     root.root.mkdir(parents=True, exist_ok=True)
     (root.root / BOX_FILE).unlink(missing_ok=True)
+    aws = None
     if not external:
         port = sv.free_port()
         state.endpoint_url = f"http://127.0.0.1:{port}"
         step("Starting the AWS emulator (moto) …")
-        _wait_ready(_start_component("aws", state, root, port), options.ready_timeout)
+        aws = _start_component("aws", state, root, port)
     clients = _clients(state)
+    _load_models(clients)  # while the emulator starts: two processes, two cores
+    if aws is not None:
+        _wait_ready(aws, options.ready_timeout)
     step("Creating the GPU instance record, stopped: the GPU box is off until work arrives …")
     state.instance_id = _gpu_instance(clients)
     root.save(state)

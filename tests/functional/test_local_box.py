@@ -29,6 +29,10 @@ _SERVICE = r"""
 import json, os, signal, sys, time
 name, notes = sys.argv[1], sys.argv[2]
 code = os.environ.get("EXIT")
+if os.environ.get("WAIT_FOR"):  # never ready: says what it waits for, as the adapter's readiness wait does
+    print(json.dumps({"level": "info", "event": "fake.waiting", "problem": os.environ["WAIT_FOR"]}), flush=True)
+    while True:
+        time.sleep(0.05)
 if code is not None:
     print(json.dumps({"level": "error", "event": "fake.not_ready", "error": f"{name} is missing NodeX"}), flush=True)
     sys.exit(int(code))
@@ -192,6 +196,19 @@ def test_a_service_that_exits_is_treated_as_the_unit_file_says(make_box: Any, in
     clock.now += 10.1
     box.tick()
     assert (adapter.record is not None) is restarted and adapter.restarts == int(restarted)
+
+
+def test_what_a_booting_adapter_waits_for_is_shown(make_box: Any, instance: GpuInstance, notes: Path) -> None:
+    """An adapter that waits for its backend (models missing) keeps the box booting, with its reason shown."""
+    # GIVEN a box whose adapter waits, saying for what
+    box, _ = make_box(_specs(notes, {"adapter": {"WAIT_FOR": "ComfyUI lacks model files: qwen.safetensors"}}),
+                      boot_delay=0.0)
+    instance.start()
+    # WHEN it boots
+    _tick_until(box, lambda: box.status.services["adapter"].detail != "")
+    # THEN the box stays booting and the adapter's detail is its own reason
+    assert box.status.state == "booting"
+    assert box.status.services["adapter"].detail == "waiting: ComfyUI lacks model files: qwen.safetensors"
 
 
 def test_a_clean_exit_is_not_restarted_until_asked(make_box: Any, instance: GpuInstance, notes: Path) -> None:
