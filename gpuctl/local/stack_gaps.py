@@ -44,7 +44,7 @@ def _cfn_yaml(text: str) -> dict[str, Any]:
             value = loader.construct_mapping(node, deep=True)
         if suffix == "GetAtt" and isinstance(value, str):
             value = value.split(".", 1)
-        return {"Ref" if suffix == "Ref" else f"Fn::{suffix}": value}
+        return {suffix if suffix in ("Ref", "Condition") else f"Fn::{suffix}": value}
 
     Loader.add_multi_constructor("!", construct)
     data = yaml.load(text, Loader=Loader)
