@@ -8,7 +8,8 @@ configuration (what CloudFormation set: queue, table, instance, idle minutes), a
 ``run_once`` on every tick, as the schedule would.
 
 ``--idle-minutes`` replaces the function's ``IDLE_MINUTES``: local mode rehearses the idle stop in minutes,
-while the stack keeps the template's bounds (IdleMinutes is at least 5 there).
+while the stack keeps the template's bounds (IdleMinutes is at least 5 there). ``CLOCK_SKEW_SECONDS`` is 0:
+everything here reads one clock.
 
     python -m gpuctl.local.scheduler --endpoint-url http://127.0.0.1:PORT --function-name gpuctl-gpu-scheduler
 
@@ -139,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         env = _function_env(args.endpoint_url, args.region, args.function_name)
         if args.idle_minutes is not None:
             env["IDLE_MINUTES"] = f"{args.idle_minutes:g}"
+        # Every component of local mode reads this machine's clock: there is no skew to allow for (on AWS the
+        # handler allows for the adapter's, the CLI's and EC2's clocks being off; a handler without the
+        # setting ignores it).
+        env["CLOCK_SKEW_SECONDS"] = "0"
         config = handler.SchedulerConfig.from_env(
             {**env, "AWS_ENDPOINT_URL": args.endpoint_url, "AWS_DEFAULT_REGION": args.region})
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ValueError) as exc:

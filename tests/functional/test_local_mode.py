@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import httpx
@@ -24,6 +25,7 @@ import pytest
 
 from gpuctl.local import supervisor as sv
 from gpuctl.services import local
+from gpuctl.services.instance import stop_instance
 from gpuctl.services.local import LocalOptions
 from tests.conftest import free_port
 from tests.helpers import make_image, run_cli
@@ -79,13 +81,17 @@ def _wait(condition: object, timeout: float = 60.0) -> None:
     assert sv.wait_until(condition, timeout=timeout), f"not within {timeout} s"  # type: ignore[arg-type]
 
 
-def _job_status(job: str) -> str:
-    """The job's status, read in-process (a CLI call takes most of a second; some waits need to be quicker)."""
+def _gateways() -> Any:
     from gpuctl.local.components import LocalClients, local_settings
     from gpuctl.services.context import Gateways
 
     settings = local_settings()
-    return Gateways(settings, LocalClients(settings)).table.get(job).status.value
+    return Gateways(settings, LocalClients(settings))
+
+
+def _job_status(job: str) -> str:
+    """The job's status, read in-process (a CLI call takes most of a second; some waits need to be quicker)."""
+    return str(_gateways().table.get(job).status.value)
 
 
 def test_pending_runbook_on_the_stopped_box(state_dir: Path, clean_env: Path, tmp_path: Path) -> None:
@@ -168,7 +174,7 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
     running instance whose adapter is stopped shows why and its local fix completes the job; a forced stop
     while a job runs lets the adapter finish it (SIGTERM drain) before the box goes off."""
     # GIVEN local mode with a 1 s schedule and a 15 s idle window
-    local.local_up(options=LocalOptions(seconds_per_job=2.5, boot_delay=0.5, scheduler_interval=1.0,
+    local.local_up(options=LocalOptions(seconds_per_job=1.5, boot_delay=0.5, scheduler_interval=1.0,
                                         idle_seconds=15.0))
     image = make_image(tmp_path / "in.png", size=(96, 64))
     endpoint = local.local_status().endpoint_url
@@ -218,13 +224,12 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
     # WHEN a job runs and the instance is stopped by force
     job = run_cli(["--profile", "local", "submit", "camera-angle", str(image), "-q"], {}).stdout.strip()
     _wait(lambda: _job_status(job) == "processing", timeout=30)  # the claim: the job is in the adapter's hands
-    stop = _gpuctl("gpuctl instance stop --force --wait")
-    assert stop.returncode == 0, stop.stderr
-    # THEN the adapter drains: it finishes the job in hand before it exits, and then the box goes off
+    stop_instance(_gateways(), force=True)  # in-process: the CLI's start-up would eat into the job's 1.5 s
+    # THEN the adapter got SIGTERM with the job in hand, finished it, and only then exited; the box went off
     _wait(lambda: _box_state() == "off", timeout=30)
     assert _job_status(job) == "completed"
     log = (state_dir / "logs" / "adapter.log").read_text()
-    assert log.rindex('"adapter.draining"') < log.rindex('"adapter.job_completed"') < log.rindex('"adapter.stopped"')
+    assert log.rindex('"adapter.signal"') < log.rindex('"adapter.job_completed"') < log.rindex('"adapter.stopped"')
 
 
 def test_up_restarts_a_component_that_died(state_dir: Path) -> None:
