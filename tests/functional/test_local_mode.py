@@ -25,7 +25,7 @@ import pytest
 
 from gpuctl.local import supervisor as sv
 from gpuctl.services import local
-from gpuctl.services.instance import stop_instance
+from gpuctl.services.instance import start_instance, stop_instance
 from gpuctl.services.local import LocalOptions
 from tests.conftest import free_port
 from tests.helpers import make_image, run_cli
@@ -189,11 +189,11 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
     assert tags["gpuctl:started-by"] == "gpuctl-scheduler"
     # … and stops the idle box after the idle window
     _wait(lambda: _box_state() == "off", timeout=45)
-    why_stopped = _gpuctl("gpuctl instance why-stopped")
-    assert "idle" in why_stopped.stdout and "gpuctl-scheduler" in why_stopped.stdout
+    tags = {t["Key"]: t["Value"] for t in ec2.describe_tags()["Tags"]}
+    assert tags["gpuctl:stopped-by"] == "gpuctl-scheduler" and "idle" in tags["gpuctl:stopped-reason"]
 
     # WHEN the box is up and only the adapter is stopped, as `systemctl stop` would
-    assert _gpuctl("gpuctl instance start --wait").returncode == 0
+    start_instance(_gateways())
     _wait(lambda: _box_state() == "up", timeout=30)
     os.kill(int((state_dir / "adapter.pid").read_text()), signal.SIGTERM)
     _wait(lambda: not (state_dir / "adapter.pid").exists(), timeout=30)
