@@ -257,13 +257,14 @@ def _health(record: sv.ComponentRecord) -> ComponentHealth:
     return ComponentHealth(record.name, record.pid, running, healthy, record.url, record.log, detail)
 
 
-def box_view(root: sv.StateDir, state: sv.LocalState, box_running: bool | None = None) -> BoxView:
+def box_view(root: sv.StateDir, state: sv.LocalState) -> BoxView:
     """The GPU box as its process last wrote it (``unknown`` when that process is not running)."""
+    record = state.components.get("box")
+    return _box_view(state, read_box(root) if record is not None and sv.owns(record) else None)
+
+
+def _box_view(state: sv.LocalState, status: BoxStatus | None) -> BoxView:
     options = LocalOptions.from_document(state.options)
-    if box_running is None:
-        record = state.components.get("box")
-        box_running = record is not None and sv.owns(record)
-    status = read_box(root) if box_running else None
     url = options.comfyui_url or state.options.get("standin_url")
     if status is None:
         return BoxView("unknown", state.instance_id, None, None, options.boot_delay,
@@ -311,8 +312,8 @@ def _status(root: sv.StateDir, state: sv.LocalState | None) -> StatusResult:
         return StatusResult(False, root.root)
     components = [_health(state.components[n]) for n in COMPONENTS if n in state.components]
     box_running = any(c.name == "box" and c.healthy for c in components)
-    box = box_view(root, state, box_running)
     status = read_box(root) if box_running else None
+    box = _box_view(state, status)
     services = [_service_health(root, n, box, status) for n in BOX_SERVICES]
     return StatusResult(True, root.root, state.endpoint_url, state.external_endpoint, state.profile,
                         components + services, box)
