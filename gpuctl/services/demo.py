@@ -213,9 +213,9 @@ def _demo_jobs(root: sv.StateDir, result: DemoResult, events: DemoEvents, timeou
     from gpuctl.services.watch import watch_jobs
 
     state = root.load()
-    assert state is not None and result.sample is not None
+    assert state is not None and result.sample is not None and result.up is not None
     settings = local_settings(state)
-    gw = Gateways(settings, LocalClients(settings))
+    gw = Gateways(settings, result.up.clients or LocalClients(settings))
     observer = QueueObserver(comfyui_url(state))
     box_watch = _BoxWatch(root, state, events)
     result.box_before = box_watch.last.state

@@ -193,6 +193,9 @@ class UpResult:
     filled: list[str] = field(default_factory=list)  # what was created by API calls because the emulator skips it
     warnings: list[str] = field(default_factory=list)
     readiness: Readiness | None = None
+    #: The clients a fresh `up` built for the local endpoint, service models loaded: a caller that goes on using
+    #: the stack (the demo) saves loading them again.
+    clients: AwsClients | None = field(default=None, repr=False, compare=False)
 
     def document(self) -> dict[str, Any]:
         return {"action": self.action, "seconds": round(self.seconds, 2),
@@ -365,7 +368,7 @@ def _deploy(clients: AwsClients, state: sv.LocalState, options: LocalOptions, st
 
 
 def _fresh_up(target: _Target, root: sv.StateDir, options: LocalOptions, step: Step,
-              ) -> tuple[sv.LocalState, list[str]]:
+              ) -> tuple[sv.LocalState, list[str], AwsClients]:
     from gpuctl.local.stack_gaps import fill_gaps
     from gpuctl.settings import config_dir
 
@@ -404,7 +407,7 @@ def _fresh_up(target: _Target, root: sv.StateDir, options: LocalOptions, step: S
     filled = fill_gaps(clients, state.stack_name or "gpuctl", step=step)
     for record in (box, scheduler):
         _wait_ready(record, options.ready_timeout)
-    return state, filled
+    return state, filled, clients
 
 
 def _stop_all(records: list[sv.ComponentRecord]) -> list[sv.StopOutcome]:
@@ -499,7 +502,7 @@ def local_up(*, endpoint_url: str | None = None, region: str | None = None, conf
             if result is not None:
                 return result
         try:
-            state, filled = _fresh_up(_Target(endpoint_url, region, config_dir), root, options, step)
+            state, filled, clients = _fresh_up(_Target(endpoint_url, region, config_dir), root, options, step)
         except BaseException:
             _teardown(root, root.load())
             raise
@@ -511,7 +514,8 @@ def local_up(*, endpoint_url: str | None = None, region: str | None = None, conf
         readiness = _adapter_check(state)
     log.info("local.up", extra={"endpoint": state.endpoint_url, "seconds": time.monotonic() - started})
     return UpResult("started", _status(root, state), time.monotonic() - started,
-                    profile_path(state.profile, Path(state.config_dir)), filled=filled, readiness=readiness)
+                    profile_path(state.profile, Path(state.config_dir)), filled=filled, readiness=readiness,
+                    clients=clients)
 
 
 def _revive(root: sv.StateDir, state: sv.LocalState, asked: LocalOptions, step: Step, started: float
