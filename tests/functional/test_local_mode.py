@@ -174,7 +174,7 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
     running instance whose adapter is stopped shows why and its local fix completes the job; a forced stop
     while a job runs lets the adapter finish it (SIGTERM drain) before the box goes off."""
     # GIVEN local mode with a 1 s schedule and a 15 s idle window
-    local.local_up(options=LocalOptions(seconds_per_job=1.5, boot_delay=0.5, scheduler_interval=1.0,
+    local.local_up(options=LocalOptions(seconds_per_job=2.0, boot_delay=0.5, scheduler_interval=1.0,
                                         idle_seconds=15.0))
     image = make_image(tmp_path / "in.png", size=(96, 64))
     endpoint = local.local_status().endpoint_url
@@ -221,13 +221,15 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
     assert "Restarted adapter" in fixed.stderr
     assert _gpuctl("gpuctl watch $JOB --timeout 60", job).returncode == 0
 
-    # WHEN a job runs and the instance is stopped by force
-    job = run_cli(["--profile", "local", "submit", "camera-angle", str(image), "-q"], {}).stdout.strip()
-    _wait(lambda: _job_status(job) == "processing", timeout=30)  # the claim: the job is in the adapter's hands
-    stop_instance(_gateways(), force=True)  # in-process: the CLI's start-up would eat into the job's 1.5 s
-    # THEN the adapter got SIGTERM with the job in hand, finished it, and only then exited; the box went off
+    # WHEN two jobs are in the adapter's hands (ComfyUI runs one at a time: the second one waits its turn) and
+    # the instance is stopped by force as the first one starts
+    jobs = [run_cli(["--profile", "local", "submit", "camera-angle", str(image), "-q"], {}).stdout.strip()
+            for _ in range(2)]
+    _wait(lambda: "processing" in {_job_status(j) for j in jobs}, timeout=30)
+    stop_instance(_gateways(), force=True)  # in-process: a CLI's start-up would eat into the jobs' time
+    # THEN the adapter got SIGTERM with work in hand, finished it, and only then exited; the box went off
     _wait(lambda: _box_state() == "off", timeout=30)
-    assert _job_status(job) == "completed"
+    assert [_job_status(j) for j in jobs] == ["completed", "completed"]
     log = (state_dir / "logs" / "adapter.log").read_text()
     assert log.rindex('"adapter.signal"') < log.rindex('"adapter.job_completed"') < log.rindex('"adapter.stopped"')
 
