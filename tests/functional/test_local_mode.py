@@ -89,9 +89,9 @@ def _gateways() -> Any:
     return Gateways(settings, LocalClients(settings))
 
 
-def _job_status(job: str) -> str:
+def _job_status(job: str, gw: Any = None) -> str:
     """The job's status, read in-process (a CLI call takes most of a second; some waits need to be quicker)."""
-    return str(_gateways().table.get(job).status.value)
+    return str((gw or _gateways()).table.get(job).status.value)
 
 
 def test_pending_runbook_on_the_stopped_box(state_dir: Path, clean_env: Path, tmp_path: Path) -> None:
@@ -225,11 +225,12 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
     # the instance is stopped by force as the first one starts
     jobs = [run_cli(["--profile", "local", "submit", "camera-angle", str(image), "-q"], {}).stdout.strip()
             for _ in range(2)]
-    _wait(lambda: "processing" in {_job_status(j) for j in jobs}, timeout=30)
-    stop_instance(_gateways(), force=True)  # in-process: a CLI's start-up would eat into the jobs' time
+    gw = _gateways()  # built once: its clients take a while to build on a loaded machine
+    _wait(lambda: "processing" in {_job_status(j, gw) for j in jobs}, timeout=30)
+    stop_instance(gw, force=True)  # in-process: a CLI's start-up would eat into the jobs' time
     # THEN the adapter got SIGTERM with work in hand and finished it before it exited, the box went off, and
     # both jobs completed (one the drain did not reach, if any, after the scheduler started the box again)
-    _wait(lambda: [_job_status(j) for j in jobs] == ["completed", "completed"], timeout=60)
+    _wait(lambda: [_job_status(j, gw) for j in jobs] == ["completed", "completed"], timeout=60)
     log = (state_dir / "logs" / "adapter.log").read_text()
     signalled = log.rindex('"adapter.signal"')
     assert '"adapter.job_completed"' in log[signalled:log.index('"adapter.stopped"', signalled)]
