@@ -221,12 +221,15 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
     assert "Restarted adapter" in fixed.stderr
     assert _gpuctl("gpuctl watch $JOB --timeout 60", job).returncode == 0
 
-    # WHEN two jobs are in the adapter's hands (ComfyUI runs one at a time: the second one waits its turn) and
-    # the instance is stopped by force as the first one starts
-    jobs = [run_cli(["--profile", "local", "submit", "camera-angle", str(image), "-q"], {}).stdout.strip()
-            for _ in range(2)]
+    # WHEN two jobs are in the adapter's hands (queued together; ComfyUI runs one at a time, so the second one
+    # waits its turn there) and the instance is stopped by force
+    rows = tmp_path / "jobs.jsonl"
+    rows.write_text("".join(json.dumps({"job_type": "camera-angle", "image": str(image)}) + "\n" for _ in range(2)))
+    batch = run_cli(["--profile", "local", "submit", "--from", str(rows), "-q"], {})
+    assert batch.returncode == 0, batch.stderr
+    jobs = batch.stdout.split()
     gw = _gateways()  # built once: its clients take a while to build on a loaded machine
-    _wait(lambda: "processing" in {_job_status(j, gw) for j in jobs}, timeout=30)
+    _wait(lambda: {_job_status(j, gw) for j in jobs} == {"processing"}, timeout=30)
     stop_instance(gw, force=True)  # in-process: a CLI's start-up would eat into the jobs' time
     # THEN the adapter got SIGTERM with work in hand and finished it before it exited, the box went off, and
     # both jobs completed (one the drain did not reach, if any, after the scheduler started the box again)
