@@ -237,8 +237,11 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
     log = (state_dir / "logs" / "adapter.log").read_text()
     signalled = log.rindex('"adapter.signal"')
     assert '"adapter.job_completed"' in log[signalled:log.index('"adapter.stopped"', signalled)]
-    box_log = (state_dir / "logs" / "box.log").read_text()
-    assert '"box.off"' in box_log[box_log.rindex('"box.stopping"'):]
+    def box_went_off() -> bool:
+        box_log = (state_dir / "logs" / "box.log").read_text()
+        return '"box.off"' in box_log[box_log.rindex('"box.stopping"'):]
+
+    _wait(box_went_off, timeout=30)
 
 
 def test_up_restarts_a_component_that_died(state_dir: Path) -> None:
