@@ -48,7 +48,7 @@ def up(
     idle: IdleOpt = "5m",
     boot_delay: Annotated[float, typer.Option("--boot-delay", min=0.0, max=600.0,
                                               help="Seconds the GPU box takes to boot after its instance "
-                                                   "starts.")] = 3.0,
+                                                   "starts.")] = 2.0,
     comfyui_url: Annotated[str | None, typer.Option(
         "--comfyui-url", help="Use your ComfyUI instead of the stand-in (the GPU box then switches only the "
                               "adapter).", show_default=False)] = None,

@@ -59,7 +59,7 @@ class LocalOptions:
     scheduler_interval: float = 5.0
     ready_timeout: float = 60.0
     #: How long the GPU box "boots" after the instance starts, before ComfyUI and the adapter start.
-    boot_delay: float = 3.0
+    boot_delay: float = 2.0
     #: A ComfyUI the user runs; None: the stand-in runs on the box.
     comfyui_url: str | None = None
     #: A workflow override folder for the adapter (GPUCTL_WORKFLOWS_DIR).

@@ -81,7 +81,7 @@ _STOP_TIMEOUT = {"box": 60.0}
 Step = Callable[[str], None]
 
 
-def local_options(*, seconds_per_job: float = 2.0, idle: str = "5m", boot_delay: float = 3.0,
+def local_options(*, seconds_per_job: float = 2.0, idle: str = "5m", boot_delay: float = 2.0,
                   comfyui_url: str | None = None, workflows: Path | None = None) -> LocalOptions:
     """Check what the user asked for and turn it into LocalOptions.
 
