@@ -167,7 +167,8 @@ def component_spec(name: str, state: sv.LocalState, root: sv.StateDir, port: int
     options = LocalOptions.from_document(state.options)
     if name == "aws":
         assert port is not None
-        return Spec(name, [py, "-m", "gpuctl.local.emulator", "-H", "127.0.0.1", "-p", str(port)],
+        return Spec(name, [py, "-m", "gpuctl.local.emulator", "-H", "127.0.0.1", "-p", str(port),
+                           "--region", state.region],
                     child_env(state, {"MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}),
                     url=f"http://127.0.0.1:{port}", health_path="/moto-api/config")
     if name == "comfyui":
