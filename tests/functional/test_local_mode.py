@@ -25,6 +25,7 @@ import pytest
 
 from gpuctl.local import supervisor as sv
 from gpuctl.services import local
+from gpuctl.services.hold import hold
 from gpuctl.services.instance import start_instance, stop_instance
 from gpuctl.services.local import LocalOptions
 from tests.conftest import free_port
@@ -173,9 +174,9 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
     """The scheduler boots the box for a --no-start job and stops it when idle; the README's runbook for a
     running instance whose adapter is stopped shows why and its local fix completes the job; a forced stop
     while a job runs lets the adapter finish it (SIGTERM drain) before the box goes off."""
-    # GIVEN local mode with a 1 s schedule and a 15 s idle window
+    # GIVEN local mode with a 1 s schedule and a 10 s idle window
     local.local_up(options=LocalOptions(seconds_per_job=2.0, boot_delay=0.5, scheduler_interval=1.0,
-                                        idle_seconds=15.0))
+                                        idle_seconds=10.0))
     image = make_image(tmp_path / "in.png", size=(96, 64))
     endpoint = local.local_status().endpoint_url
 
@@ -192,8 +193,11 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
     tags = {t["Key"]: t["Value"] for t in ec2.describe_tags()["Tags"]}
     assert tags["gpuctl:stopped-by"] == "gpuctl-scheduler" and "idle" in tags["gpuctl:stopped-reason"]
 
-    # WHEN the box is up and only the adapter is stopped, as `systemctl stop` would
-    start_instance(_gateways())
+    # WHEN the box is up (held from now on: no idle stop may come between the steps below, however slow the
+    # machine) and only the adapter is stopped, as `systemctl stop` would
+    gw = _gateways()  # built once: its clients take a while to build on a loaded machine
+    hold(gw, "30m", "the test goes on")
+    start_instance(gw)
     _wait(lambda: _box_state() == "up", timeout=30)
     os.kill(int((state_dir / "adapter.pid").read_text()), signal.SIGTERM)
     _wait(lambda: not (state_dir / "adapter.pid").exists(), timeout=30)
@@ -228,7 +232,6 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
     batch = run_cli(["--profile", "local", "submit", "--from", str(rows), "-q"], {})
     assert batch.returncode == 0, batch.stderr
     jobs = batch.stdout.split()
-    gw = _gateways()  # built once: its clients take a while to build on a loaded machine
     _wait(lambda: {_job_status(j, gw) for j in jobs} == {"processing"}, timeout=30)
     stop_instance(gw, force=True)  # in-process: a CLI's start-up would eat into the jobs' time
     # THEN the adapter got SIGTERM with work in hand and finished it before it exited, the box went off, and
