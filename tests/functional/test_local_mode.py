@@ -142,8 +142,9 @@ def test_pending_runbook_on_the_stopped_box(state_dir: Path, clean_env: Path, tm
     watched = _gpuctl("gpuctl watch $JOB --timeout 60", job)
     assert watched.returncode == 0, watched.stderr
     assert _box_state() == "up"
-    result_url = _gpuctl("gpuctl status $JOB --output json", job).stdout
-    bucket, key = json.loads(result_url)["result_s3_uri"].removeprefix("s3://").split("/", 1)
+    result_url = _gateways().table.get(job).result_s3_uri
+    assert result_url is not None
+    bucket, key = result_url.removeprefix("s3://").split("/", 1)
     assert boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").head_object(
         Bucket=bucket, Key=key)["ContentLength"] > 0
     up = local.local_status()
