@@ -30,7 +30,7 @@ def _cfn_yaml(text: str) -> dict[str, Any]:
     """Parse a CloudFormation YAML template, short-form intrinsics (!Ref, !Sub …) as their long form."""
     import yaml
 
-    class Loader(yaml.SafeLoader):
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]  # libyaml: 5x faster
         pass
 
     def construct(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
