@@ -20,6 +20,12 @@ MINUTE = 60.0
 LATER = time.time() + 30 * MINUTE
 
 
+@pytest.fixture(autouse=True)
+def _no_default_amis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto accepts any AMI id; loading its ~1,300 default AMIs takes a second per fresh backend."""
+    monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+
+
 def _job(gateways: Any, *, age: float, status: JobStatus = JobStatus.PENDING,
          api_path: str = JobType.CAMERA_ANGLE.api_path) -> JobRecord:
     created = LATER - age

@@ -300,9 +300,47 @@ def test_down_leaves_a_recycled_pid_alone(state_dir: Path, clean_env: Path, mism
         other.wait(timeout=10)
 
 
-def test_demo_runs_end_to_end_in_a_subprocess(state_dir: Path, tmp_path: Path) -> None:
-    """`gpuctl demo` on a machine with nothing configured: the box starts off and boots for the first job,
-    both results are saved as PNGs, every step is timed, and local mode is down afterwards."""
+def _run_on_a_terminal(args: list[str], env: dict[str, str], cwd: Path,
+                       timeout: float) -> tuple[int, str, str]:
+    """Run ``python -m gpuctl ARGS`` with stderr on a pseudo-terminal (as a user at a terminal sees it) and
+    stdout on a pipe; returns the exit code, stdout and everything written to the terminal."""
+    import pty
+    import threading
+
+    master, slave = pty.openpty()
+    terminal = {"COLUMNS": "120", "TERM": "xterm", "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gpuctl", *args], env={**env, **terminal}, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    screen = bytearray()
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not chunk:
+                return
+            screen.extend(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+        reader.join(timeout=10)
+        os.close(master)
+    # Without the terminal's control sequences (cursor moves, styles): the frames and lines, in order.
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    return proc.returncode, stdout.decode(), text
+
+
+def test_demo_runs_end_to_end_on_a_terminal(state_dir: Path, tmp_path: Path) -> None:
+    """`gpuctl demo` at a terminal on a machine with nothing configured: the box starts off and boots for the
+    first job, both results are saved as PNGs, every step is timed, the live table is finished (both jobs
+    completed) before "Taking local mode down …", and local mode is down afterwards."""
     from PIL import Image
 
     # GIVEN no AWS credentials or config at all, no gpuctl profile, nothing running
@@ -310,20 +348,32 @@ def test_demo_runs_end_to_end_in_a_subprocess(state_dir: Path, tmp_path: Path) -
     env["HOME"] = str(tmp_path / "home")
     out_dir = tmp_path / "demo-out"
 
-    # WHEN the demo runs, in a fresh directory, as the README says
-    proc = subprocess.run([sys.executable, "-m", "gpuctl", "demo", "--output-dir", str(out_dir), "--output", "json"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150, check=False)
+    # WHEN the demo runs at a terminal, in a fresh directory, as the README says
+    code, stdout, screen = _run_on_a_terminal(["demo", "--output-dir", str(out_dir)], env, tmp_path, timeout=150)
 
-    # THEN it succeeded from a cold box, wrote both results, timed every step, and took local mode down again
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)
-    assert doc["taken_down"] is True and doc["local_mode"] == "started"
-    assert doc["gpu_box"]["before"] == "off" and doc["gpu_box"]["boot_seconds"] >= doc["gpu_box"]["boot_delay_seconds"]
-    assert [j["status"] for j in doc["jobs"]] == ["completed", "completed"]
-    for job in doc["jobs"]:
-        assert all(v is not None for v in job["seconds"].values()), job
-        assert job["seconds"]["boot"] > 0 and job["seconds"]["execution"] > 0, job
-        with Image.open(job["file"]) as image:
+    # THEN it succeeded from a cold box and timed every step of both jobs
+    assert code == 0, screen
+    rows = [line.replace("┃", "│").split("│") for line in stdout.splitlines()]
+    steps = {cells[1].strip(): [c.strip() for c in cells[2:4]] for cells in rows if len(cells) == 5}
+    assert list(steps) == ["Step", "Submit", "Queue wait", "Boot", "Execution", "Publish", "Download", "Status"]
+    assert steps["Step"] == ["camera-angle", "qwen-image-edit"]
+    assert steps["Status"] == ["completed", "completed"]
+    for step in ("Submit", "Queue wait", "Boot", "Execution", "Publish", "Download"):
+        assert all(re.fullmatch(r"\d+\.\d+ s", cell) for cell in steps[step]), (step, steps[step])
+    assert all(float(cell.split()[0]) > 0 for cell in steps["Boot"] + steps["Execution"])
+    booted = re.search(r"The GPU box was off: the first submit started its instance and it booted in "
+                       r"([\d.]+) s \(([\d.]+) s boot delay", " ".join(screen.split()))
+    assert booted is not None, screen
+    assert float(booted.group(1)) >= float(booted.group(2))
+    # … the live table on the terminal ended with both jobs completed, and only then did local mode go down
+    live, _, after = screen.rpartition("Taking local mode down")
+    assert live, screen
+    last_frame = live.rsplit("Progress", 1)[-1]
+    assert len(re.findall(r"│ (?:camera-angle|qwen-image-edit) +│ [0-9a-f-]{36} │ completed", last_frame)) == 2
+    assert "Progress" not in after and "│ completed" not in after, after
+    # … both results are PNGs, and local mode is down again
+    for name in ("camera-angle", "qwen-image-edit"):
+        with Image.open(out_dir / f"{name}.png") as image:
             image.verify()
             assert image.format == "PNG"
     assert sorted(p.name for p in out_dir.glob("*.png")) == [

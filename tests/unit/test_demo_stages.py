@@ -32,3 +32,44 @@ def test_unseen_execution_leaves_execution_and_publish_unknown() -> None:
     """When ComfyUI's queue was not seen, the wait runs to the claim and the rest is unknown, not guessed."""
     stages = stage_seconds(created=0.0, claimed=1.0, ran=(None, None), finished=3.0, boot=(None, None))
     assert stages == {"queue_wait": 1.0, "boot": 0.0, "execution": None, "publish": None}
+
+
+def test_the_json_document_names_every_stage_and_the_box() -> None:
+    """`gpuctl demo --output json`: each job's stages in seconds (None when not observed), the box's boot."""
+    from pathlib import Path
+
+    from gpuctl.services.demo import DemoJob, DemoResult
+    from gpuctl.services.local import BoxView
+
+    # GIVEN a demo that started from an off box, one job fully timed and one whose execution was not seen
+    box = BoxView("up", "i-1", "running", 10.0, 2.0, "", "http://127.0.0.1:1", False, 300.0,
+                  boot_started_at=10.0, up_at=14.123, boot_seconds=4.123)
+    timed = DemoJob("camera-angle", "a", 0.1234, queue_wait_s=0.5, boot_s=4.0, execution_s=2.0, publish_s=0.05,
+                    download_s=0.04, status="completed", result_url="s3://b/a.png", path=Path("/o/camera-angle.png"))
+    unseen = DemoJob("qwen-image-edit", "b", 0.05, queue_wait_s=None, boot_s=0.0, status="completed")
+    result = DemoResult(Path("/o"), jobs=[timed, unseen], up_s=6.0, down_s=1.2, total_s=17.456, box_before="off",
+                        box=box)
+
+    # WHEN it is rendered as JSON
+    doc = result.document()
+
+    # THEN the stages, the box and the totals are there, rounded; what was not seen is null
+    assert doc["gpu_box"] == {"before": "off", "boot_seconds": 4.12, "boot_delay_seconds": 2.0}
+    assert doc["seconds"] == {"up": 6.0, "down": 1.2, "total": 17.46}
+    assert doc["jobs"][0] == {"job_type": "camera-angle", "job_id": "a", "status": "completed",
+                              "result_s3_uri": "s3://b/a.png", "file": "/o/camera-angle.png", "error": None,
+                              "seconds": {"submit": 0.12, "queue_wait": 0.5, "boot": 4.0, "execution": 2.0,
+                                          "publish": 0.05, "download": 0.04}}
+    assert doc["jobs"][1]["seconds"]["execution"] is None and doc["jobs"][1]["file"] is None
+    assert doc["taken_down"] is False and doc["local_mode"] is None
+
+
+def test_no_boot_is_reported_when_the_box_was_already_up() -> None:
+    """A demo run on a local mode whose box was up reports no boot time for this run."""
+    from pathlib import Path
+
+    from gpuctl.services.demo import DemoResult
+    from gpuctl.services.local import BoxView
+
+    box = BoxView("up", "i-1", "running", 10.0, 2.0, "", None, False, 300.0, boot_seconds=4.0)
+    assert DemoResult(Path("/o"), box_before="up", box=box).document()["gpu_box"]["boot_seconds"] is None
