@@ -88,13 +88,18 @@ def test_documents_match_their_schemas(server_aws: Resources, capsys: Any, tmp_p
         got = invoke([*args, "--output", "json"], env, capsys)
         assert got.code == 0, (args, got.stderr)
         jsonschema.validate(json.loads(got.stdout), schemas.definition(name))
-    from gpuctl.services.local import ComponentHealth, DemoJob, DemoResult, StatusResult, UpResult
+    from gpuctl.services.demo import DemoJob, DemoResult
+    from gpuctl.services.local import BoxView, ComponentHealth, StatusResult, UpResult
 
+    box = BoxView("up", "i-1", "running", 1.0e9, 2.0, "the adapter polls the queue", "http://127.0.0.1:8188", False,
+                  300.0, boot_started_at=1.0e9, up_at=1.0e9 + 4, boot_seconds=4.0)
     status = StatusResult(True, tmp_path, "http://127.0.0.1:5000", False, "local",
-                          [ComponentHealth("emulator", 123, True, True, "http://127.0.0.1:5000", "/x.log")])
+                          [ComponentHealth("emulator", 123, True, True, "http://127.0.0.1:5000", "/x.log"),
+                           ComponentHealth("adapter", 124, True, True, None, "/a.log", on_box=True)], box)
     up = UpResult("started", status, 12.3, tmp_path / "local.toml", [], ["alarm"])
-    demo = DemoResult(tmp_path, up, [DemoJob("camera-angle", str(uuid.uuid4()), 0.2, 1.0, 2.0, 0.1, "completed",
-                                             "s3://b/k.png", tmp_path / "a.png")], tmp_path / "s.png", 12.3, 20.1)
+    demo = DemoResult(tmp_path, up, [DemoJob("camera-angle", str(uuid.uuid4()), 0.2, 1.0, 2.0, 2.4, 0.1, 0.05,
+                                             "completed", "s3://b/k.png", tmp_path / "a.png")], tmp_path / "s.png",
+                      7.0, 1.2, 19.3, "off", box)
     jsonschema.validate(up.document(), schemas.definition("local up"))
     jsonschema.validate(status.document(), schemas.definition("local status"))
     jsonschema.validate(demo.document(), schemas.definition("demo"))

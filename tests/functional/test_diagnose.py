@@ -139,8 +139,13 @@ def test_status_says_why_on_stderr_and_in_json(server_aws: Resources) -> None:
     text = run_cli(["status", record.task_id], server_aws.env())
     doc = run_cli(["status", record.task_id, "--output", "json"], server_aws.env())
 
-    # THEN both say why it waits; stdout stays data
+    # THEN both say why it waits; stdout stays data, the document as its schema says
+    import jsonschema
+
+    from gpuctl import schemas
+
     assert text.returncode == 0 and "pending" in text.stdout
     assert "Why it waits: The GPU instance" in text.stderr and "is stopped" in text.stderr
     assert doc.returncode == 0
     assert json.loads(doc.stdout)["diagnosis"]["code"] == "instance-stopped"
+    jsonschema.validate(json.loads(doc.stdout), schemas.definition("status"))
