@@ -373,6 +373,19 @@ class JobRecord(BaseModel):
     finished_at: float | None = None
     queued: bool | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _other_writers(cls, data: Any) -> Any:
+        """Records of other writers: the running service's status read takes ``result_url`` for a missing
+        ``result_s3_uri`` and ``error`` for a missing ``error_message`` (SPEC §10); so does gpuctl."""
+        if isinstance(data, Mapping):
+            aliases = {"result_s3_uri": "result_url", "error_message": "error"}
+            missing = {name: data[other] for name, other in aliases.items()
+                       if data.get(name) is None and isinstance(data.get(other), str)}
+            if missing:
+                return {**data, **missing}
+        return data
+
     @property
     def kind(self) -> str:
         """The CLI name of the job type, or the raw api_path for one we do not know."""

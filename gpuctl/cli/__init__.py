@@ -143,6 +143,10 @@ def _add(root_app: typer.Typer, group: str) -> None:
     elif group == "local":
         root_app.add_typer(local.app, name="local")
         local.register_demo(root_app)
+    elif group == "serve":
+        from gpuctl.cli import serve
+
+        serve.register(root_app)
     else:
         root_app.command("completion")(completion)
 
@@ -150,8 +154,9 @@ def _add(root_app: typer.Typer, group: str) -> None:
 #: Top-level command → the group `_add` registers it with.
 _GROUP_OF = {"submit": "submit", "status": "jobs", "watch": "jobs", "result": "jobs", "jobs": "jobs",
              "instance": "instance", "queue": "queue", "deploy": "deploy", "destroy": "deploy", "stack": "deploy",
-             "config": "config", "local": "local", "demo": "local", "adapter": "adapter", "completion": "completion"}
-_GROUPS = ("submit", "jobs", "instance", "queue", "deploy", "config", "local", "adapter", "completion")
+             "config": "config", "local": "local", "demo": "local", "adapter": "adapter", "completion": "completion",
+             "serve": "serve"}
+_GROUPS = ("submit", "jobs", "instance", "queue", "deploy", "config", "local", "adapter", "serve", "completion")
 #: Root options that take a value (the command name is the first argument that is neither these nor a flag).
 _VALUE_OPTIONS = frozenset({"--profile", "--region", "--endpoint-url", "--output", "-o"})
 

@@ -206,19 +206,12 @@ def _submit_one(ctx: typer.Context, kind: str, image: str, fields: dict[str, Any
         follow(ctx, [result.record.task_id], timeout=timeout, download=target, out=out)
 
 
-def _instance_doc(outcome: StartOutcome | None, polling: bool) -> dict[str, Any] | None:
-    if outcome is None:
-        return None
-    return {"action": outcome.action, "state": outcome.state, "warning": outcome.warning, "adapter_polling": polling}
-
-
 def _render_submitted(out: Renderer, result: SubmitResult, *, lines: bool = False) -> None:
     """The submitted job; with ``lines`` (--wait) JSON goes out as one line, as the watch lines that follow."""
     if result.instance is not None and result.instance.warning and result.instance_error is None:
         out.warn(result.instance.warning)
     if out.json:
-        doc = {**result.record.status_document(), "reused": result.reused,
-               "instance": _instance_doc(result.instance, result.adapter_polling)}
+        doc = result.document()
         if lines:
             out.line(doc)
         else:
@@ -243,6 +236,8 @@ def _instance_note(outcome: StartOutcome | None, polling: bool) -> str:
 
 
 def _print_batch(out: Renderer, result: BatchResult) -> None:
+    from gpuctl.services.submit import instance_document
+
     if result.instance is not None and result.instance.warning and result.instance_error is None:
         out.warn(result.instance.warning)
     for failure in result.failures:
@@ -253,7 +248,7 @@ def _print_batch(out: Renderer, result: BatchResult) -> None:
         out.data({"job_ids": result.job_ids,
                   "failures": [{"row": f.row, "error": f.message} for f in result.failures],
                   "interrupted": result.interrupted, "unsubmitted": result.unsubmitted,
-                  "instance": _instance_doc(result.instance, result.adapter_polling)})
+                  "instance": instance_document(result.instance, result.adapter_polling)})
     else:
         out.ids(job_id or "-" for job_id in result.job_ids)
         out.note(f"Queued {queued} of {total} jobs{_instance_note(result.instance, result.adapter_polling)}."

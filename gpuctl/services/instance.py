@@ -48,7 +48,8 @@ def ensure_running(gw: Gateways, *, stopping_wait: float = STOPPING_WAIT_SECONDS
     and no DescribeInstances. An instance that is still ``stopping`` refuses to start
     (IncorrectInstanceState): wait for ``stopped`` with the boto3 waiter, then start it.
     Capacity errors and every other failure come back as a warning: the job is already queued and
-    the Lambda's schedule starts the instance once capacity returns.
+    the Lambda's schedule starts the instance once capacity returns. ``stopping_wait`` 0: never wait for a
+    ``stopping`` instance (``skipped``, with a warning).
     """
     from gpuctl.errors import Conflict
 
@@ -58,6 +59,10 @@ def ensure_running(gw: Gateways, *, stopping_wait: float = STOPPING_WAIT_SECONDS
             previous, state = gateway.start()
         except Conflict:
             info = gateway.describe()
+            if info.state == "stopping" and stopping_wait <= 0:
+                # A caller that must answer at once (the HTTP API): the scheduler starts it for the queued job.
+                return StartOutcome("skipped", info.state, warning="the GPU instance is still stopping; the job is "
+                                    "queued and the scheduler starts the instance once it has stopped")
             if info.state == "stopping":
                 gateway.wait("stopped", timeout=stopping_wait, delay=5.0)
                 previous, state = gateway.start()

@@ -47,7 +47,7 @@ from gpuctl.models import (
     task_id_for_key,
 )
 from gpuctl.services.images import ImageRef, RemoteChecks, input_key, resolve_image
-from gpuctl.services.instance import StartOutcome, ensure_running
+from gpuctl.services.instance import STOPPING_WAIT_SECONDS, StartOutcome, ensure_running
 
 if TYPE_CHECKING:
     from gpuctl.services.context import Gateways
@@ -62,6 +62,7 @@ __all__ = [
     "SubmitResult",
     "WriteGuard",
     "draft_job",
+    "instance_document",
     "read_batch_file",
     "submit_batch",
     "submit_draft",
@@ -133,6 +134,18 @@ class SubmitResult:
     adapter_polling: bool = False  # the activity marker said an adapter is polling: EC2 was not asked
     instance_error: GpuctlError | None = None  # --require-instance, and the instance was not started
     interrupted: bool = False  # queued, then interrupted: the instance step was skipped
+
+    def document(self) -> dict[str, Any]:
+        """The submitted job as ``submit --output json`` and ``POST /api/v1/<type>/jobs`` print it."""
+        return {**self.record.status_document(), "reused": self.reused,
+                "instance": instance_document(self.instance, self.adapter_polling)}
+
+
+def instance_document(outcome: StartOutcome | None, polling: bool) -> dict[str, Any] | None:
+    """What the submit did about the instance, as JSON (None: it was not asked to start it)."""
+    if outcome is None:
+        return None
+    return {"action": outcome.action, "state": outcome.state, "warning": outcome.warning, "adapter_polling": polling}
 
 
 @dataclass(frozen=True)
@@ -319,6 +332,7 @@ def submit_request(
     start_instance: bool = True,
     require_instance: bool = False,
     guard: WriteGuard = NO_GUARD,
+    stopping_wait: float = STOPPING_WAIT_SECONDS,
 ) -> SubmitResult:
     """Record a validated request as ``pending``, queue it, note the activity and make sure the instance runs.
 
@@ -351,19 +365,21 @@ def submit_request(
     if guard.pending:
         return SubmitResult(record, None, interrupted=True)
     try:
-        return _after_queued(gw, record, 1, start_instance=start_instance, require_instance=require_instance)
+        return _after_queued(gw, record, 1, start_instance=start_instance, require_instance=require_instance,
+                             stopping_wait=stopping_wait)
     except KeyboardInterrupt:
         return SubmitResult(record, None, interrupted=True)
 
 
 def _after_queued(gw: Gateways, record: JobRecord, jobs: int, *, start_instance: bool,
-                  require_instance: bool) -> SubmitResult:
-    outcome, polling = _make_sure_it_runs(gw, start_instance)
+                  require_instance: bool, stopping_wait: float = STOPPING_WAIT_SECONDS) -> SubmitResult:
+    outcome, polling = _make_sure_it_runs(gw, start_instance, stopping_wait)
     return SubmitResult(record, outcome, adapter_polling=polling,
                         instance_error=_instance_error(outcome, [record.task_id], jobs) if require_instance else None)
 
 
-def _make_sure_it_runs(gw: Gateways, start_instance: bool) -> tuple[StartOutcome | None, bool]:
+def _make_sure_it_runs(gw: Gateways, start_instance: bool,
+                       stopping_wait: float = STOPPING_WAIT_SECONDS) -> tuple[StartOutcome | None, bool]:
     """Record the arrival on the activity marker; start the instance unless an adapter is known to be polling."""
     try:
         activity = gw.table.note_submit()
@@ -379,7 +395,7 @@ def _make_sure_it_runs(gw: Gateways, start_instance: bool) -> tuple[StartOutcome
     if not gw.settings.instance_id:
         return StartOutcome("skipped", warning="no GPU instance id is configured (GPU_INSTANCE_ID); the job is "
                                                "queued but nothing was started"), False
-    return ensure_running(gw), False
+    return ensure_running(gw, stopping_wait=stopping_wait), False
 
 
 def _instance_error(outcome: StartOutcome | None, task_ids: Sequence[str], jobs: int) -> GpuctlError | None:
@@ -400,11 +416,13 @@ def submit_draft(
     require_instance: bool = False,
     on_progress: Progress | None = None,
     guard: WriteGuard = NO_GUARD,
+    stopping_wait: float = STOPPING_WAIT_SECONDS,
 ) -> SubmitResult:
     """Check the draft's remote inputs, upload its local images, then :func:`submit_request`.
 
     With an idempotency key the task id is derived from the key; a job that already exists under it
-    is returned as it is and nothing is uploaded or queued again.
+    is returned as it is and nothing is uploaded or queued again. ``stopping_wait``: how long to wait for a
+    ``stopping`` instance before starting it again (0: do not wait; the scheduler starts it).
 
     Raises:
         UsageError: a remote input that does not exist, is too large or is not an image (nothing was written).
@@ -429,7 +447,8 @@ def submit_draft(
         urls = uploads.upload(draft, task_id, on_progress)
         request = parse_request(draft.job_type, {**draft.fields, **urls})
         result = submit_request(gw, request, task_id=task_id, idempotency_key=idempotency_key,
-                                start_instance=start_instance, require_instance=require_instance, guard=guard)
+                                start_instance=start_instance, require_instance=require_instance, guard=guard,
+                                stopping_wait=stopping_wait)
     except JobAlreadyExists:
         # Two submits with one key raced; the other one recorded and queued the job.
         uploads.discard()

@@ -1,0 +1,70 @@
+"""Run the API with uvicorn: JSON logs on stderr, graceful shutdown on SIGTERM/SIGINT (in-flight requests finish,
+so a submit never stops between its record and its message)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gpuctl.serve.app import ServeConfig
+    from gpuctl.services.context import Gateways
+
+__all__ = ["GRACEFUL_SHUTDOWN_SECONDS", "serve"]
+
+#: How long a SIGTERM waits for requests in flight before closing them (ECS waits 30 s before SIGKILL).
+GRACEFUL_SHUTDOWN_SECONDS = 25
+
+log = logging.getLogger("gpuctl.serve")
+
+
+def _server_class() -> type[Any]:
+    import contextlib
+    import signal
+    from collections.abc import Iterator
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but a SIGTERM ends it with exit 0 once in-flight requests are done (uvicorn re-raises the
+        signal after its graceful shutdown, which reports the orderly stop as a death by signal)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def serve(gw: Gateways, config: ServeConfig, *, host: str, port: int, log_level: str = "INFO") -> None:
+    """Serve until SIGTERM or SIGINT.
+
+    Raises:
+        ConfigError: a setting every route needs is missing (the table, the queue).
+        UsageError: the address is taken or cannot be bound.
+    """
+    import uvicorn
+
+    from gpuctl.errors import UsageError
+    from gpuctl.logs import configure
+    from gpuctl.serve.app import create_app, require_settings
+
+    require_settings(gw)
+    configure(log_level)
+    app = create_app(gw, config)
+    server = _server_class()(uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, server_header=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, lifespan="off", proxy_headers=False,
+    ))
+    log.info("serve.starting", extra={"host": host, "port": port, "api_keys": len(config.api_keys),
+                                      "cors_origins": list(config.cors_origins),
+                                      "max_body_bytes": config.max_body_bytes})
+    server.run()
+    if not server.started:
+        raise UsageError(f"Could not listen on {host}:{port} (is the port taken?).")
+    log.info("serve.stopped")
