@@ -119,3 +119,23 @@ class FakeWorker:
             return
         self.gw.table.transition(self.task_id, JobStatus.COMPLETED,
                                  fields={"result_s3_uri": self.RESULT.format(self.task_id)})
+
+
+def fresh_world(moto_server: str, folder: Path, env: dict[str, str], args: list[str] | None = None) -> tuple[Any, Any]:
+    """For a module's one server: the moto server reset, the resources created, `gpuctl serve` started with the
+    running system's own environment variables (AWS_DEFAULT_REGION, SQS_QUEUE_URL, DYNAMODB_TABLE,
+    GPU_INSTANCE_ID) plus ``env``. Returns (resources, server); stop the server when done."""
+    import boto3
+
+    from tests.conftest import free_port
+    from tests.helpers import REGION, create_resources
+
+    httpx.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
+    res = create_resources(boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing"),
+                           moto_server)
+    old_env = {"AWS_DEFAULT_REGION": REGION, "SQS_QUEUE_URL": res.queue_url, "DYNAMODB_TABLE": res.table_name,
+               "GPU_INSTANCE_ID": res.instance_id, "GPUCTL_ENDPOINT_URL": moto_server,
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "GPUCTL_CONFIG_DIR": str(folder / "config"), "NO_COLOR": "1"}
+    api = ServeProcess({**old_env, **env}, folder / "serve.log", free_port(), args).start()
+    return res, api

@@ -129,7 +129,8 @@ def _health(gw: Gateways) -> tuple[bool, dict[str, str]]:
 
 _STD: dict[int | str, Any] = {
     422: openapi.response(openapi.VALIDATION_ERROR, "The request is invalid (every field error is listed)."),
-        503: openapi.response(openapi.ERROR, "AWS could not be reached, or the server lacks a setting.")}
+    503: openapi.response(openapi.ERROR, "AWS could not be reached, or the server lacks a setting."),
+}
 _JOB_404: dict[int | str, Any] = {404: openapi.response(openapi.ERROR, 'No such job: {"detail": "Job not found"}.')}
 
 

@@ -64,7 +64,10 @@ def serve(gw: Gateways, config: ServeConfig, *, host: str, port: int, log_level:
     log.info("serve.starting", extra={"host": host, "port": port, "api_keys": len(config.api_keys),
                                       "cors_origins": list(config.cors_origins),
                                       "max_body_bytes": config.max_body_bytes})
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits (3) when it cannot bind; the error boundary gives the sentence and exit 2
+        server.started = False
     if not server.started:
         raise UsageError(f"Could not listen on {host}:{port} (is the port taken?).")
     log.info("serve.stopped")

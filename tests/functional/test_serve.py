@@ -24,9 +24,8 @@ import jsonschema
 import pytest
 
 from gpuctl import schemas
-from tests.conftest import free_port
-from tests.helpers import REGION, Resources, create_resources, emulator_counts, png_bytes, put_object, run_cli
-from tests.serve_process import OLD_README, README_HOST, FakeWorker, ServeProcess
+from tests.helpers import Resources, emulator_counts, png_bytes, put_object, run_cli
+from tests.serve_process import OLD_README, README_HOST, FakeWorker, ServeProcess, fresh_world
 
 pytestmark = pytest.mark.server
 
@@ -49,23 +48,9 @@ class World:
         return Gateways(Settings(**self.res.settings_kwargs()))
 
 
-def old_service_env(res: Resources, config_dir: Path) -> dict[str, str]:
-    """The running orchestrator's environment variables, plus the emulator's endpoint."""
-    return {"AWS_DEFAULT_REGION": REGION, "SQS_QUEUE_URL": res.queue_url, "DYNAMODB_TABLE": res.table_name,
-            "GPU_INSTANCE_ID": res.instance_id, "GPUCTL_ENDPOINT_URL": str(res.endpoint_url),
-            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "GPUCTL_CONFIG_DIR": str(config_dir),
-            "NO_COLOR": "1"}
-
-
 @pytest.fixture(scope="module")
 def world(moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    import boto3
-
-    httpx.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
-    res = create_resources(boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing"),
-                           moto_server)
-    folder = tmp_path_factory.mktemp("serve")
-    api = ServeProcess(old_service_env(res, folder / "config"), folder / "serve.log", free_port()).start()
+    res, api = fresh_world(moto_server, tmp_path_factory.mktemp("serve"), {})
     yield World(res, api)
     api.stop()
 
