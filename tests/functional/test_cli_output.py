@@ -51,7 +51,7 @@ def _commands(group: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, .
 
 ALL = _commands(typer.main.get_command(app))
 TEXT_ONLY = {("config", "set"), ("config", "unset"), ("config", "path"), ("completion",), ("local", "comfyui"),
-             ("adapter", "run")}
+             ("adapter", "run"), ("serve",)}  # serve: a daemon, its documents are the HTTP API's (OpenAPI)
 
 
 def test_every_command_with_json_output_has_a_schema() -> None:
