@@ -180,3 +180,16 @@ def test_only_gpu_job_types_are_gpu_work() -> None:
 
     assert is_gpu_job("/api/v1/camera-angle/jobs") and is_gpu_job("/api/v1/qwen-image-edit/jobs/")
     assert not is_gpu_job("/api/v1/face-mask/tasks") and not is_gpu_job(None)
+
+
+def test_records_of_other_writers_read_result_url_and_error_as_the_running_service_does():
+    """A record with result_url / error (and no result_s3_uri / error_message) reads as SPEC §10's status read."""
+    # GIVEN records written by another writer
+    base = {"task_id": "t", "status": "completed", "job_type": "/api/v1/camera-angle/jobs", "created_at": 1,
+            "updated_at": 2}
+    other = JobRecord.from_item({**base, "result_url": "https://cdn/x.png", "error": "boom"})
+    ours = JobRecord.from_item({**base, "result_s3_uri": "s3://b/k.png", "result_url": "https://cdn/x.png"})
+    # THEN the document takes the other names when ours are missing, and ours when both are there
+    assert other.status_document()["result_s3_uri"] == other.status_document()["result_url"] == "https://cdn/x.png"
+    assert other.status_document()["error"] == "boom"
+    assert ours.status_document()["result_s3_uri"] == "s3://b/k.png"
