@@ -80,17 +80,28 @@ class ServeProcess:
     def access_lines(self) -> list[dict[str, Any]]:
         return [e for e in self.log_lines() if e.get("event") == "http.request"]
 
+    def access_line(self, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
+        """The access line of one request (written just after its response went out, so it may lag a little)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for entry in self.access_lines():
+                if entry.get("request_id") == request_id:
+                    return entry
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no access line for request {request_id}")
+            time.sleep(0.05)
+
 
 class FakeWorker:
     """Plays the adapter for the old README's polling loops (whose inputs cannot be fetched here): the first
-    pending job created after it started moves to processing, then, ``delay`` seconds later, to completed with a
-    CDN result URL, through the same table gateway the adapter uses."""
+    pending qwen-image-edit job created after it started moves to processing, then, ``delay`` seconds later, to
+    completed with a CDN result URL, through the same table gateway the adapter uses."""
 
     RESULT = "https://d3bg7alr1qwred.cloudfront.net/images/comfyui-results/qwen-image-edit/{}.png"
 
     def __init__(self, gw: Any, *, delay: float = 1.0) -> None:
         self.gw, self.delay = gw, delay
-        self.since = time.time() - 1
+        self.since = time.time()
         self.task_id: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -108,9 +119,10 @@ class FakeWorker:
 
         while not self._stop.is_set() and self.task_id is None:
             for record, _ in self.gw.table.query_page(JobStatus.PENDING, limit=20, since=self.since)[0]:
-                self.task_id = record.task_id
-                break
-            else:
+                if record.kind == "qwen-image-edit":
+                    self.task_id = record.task_id
+                    break
+            if self.task_id is None:
                 time.sleep(0.1)
         if self.task_id is None:
             return
