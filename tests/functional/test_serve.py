@@ -261,7 +261,7 @@ def test_an_s3_input_that_exists_is_accepted(world):
 
 # --- reading jobs ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "not-a-uuid", "gpuctl%23activity"])
+@pytest.mark.parametrize("job_id", ["0b7e5f8e-3c1d-4c6a-9f7e-2d4b6a8c0e1f", "not-a-uuid", "gpuctl%23activity"])
 def test_an_unknown_job_is_404_job_not_found(world, job_id):
     """GET and cancel of an unknown id (or no UUID, or the activity marker): 404 {"detail": "Job not found"}."""
     assert get(world, f"/api/v1/jobs/{job_id}").json() == {"detail": "Job not found"}
