@@ -189,7 +189,12 @@ def create_app(gw: Gateways, config: ServeConfig | None = None) -> FastAPI:
     @app.get("/api/v1/jobs/{job_id}", operation_id="get_job", summary="A job's status", tags=["jobs"],
              responses=_responses({200: openapi.response("job", "The job status document.")}, _JOB_404))
     def job_status(job_id: str) -> JSONResponse:
-        return JSONResponse(_job(lambda: get_job(gw, job_id)).status_document())
+        # The document `gpuctl status --output json` prints: a pending job says why it waits, when gpuctl can tell.
+        from gpuctl.services.diagnose import diagnose_job
+
+        record = _job(lambda: get_job(gw, job_id))
+        why = diagnose_job(gw, record)
+        return JSONResponse({**record.status_document(), "diagnosis": why.document() if why else None})
 
     @app.get("/api/v1/jobs", operation_id="list_jobs", summary="Jobs, newest first, one page at a time",
              tags=["jobs"], responses=_responses({200: openapi.response("jobs_page", "One page of jobs.")}))
