@@ -207,30 +207,39 @@ def read_profile(profile: str, directory: Path | None = None) -> dict[str, Any]:
 
 
 def write_profile(profile: str, values: dict[str, Any], directory: Path | None = None) -> Path:
-    """Merge ``values`` into the profile's file (a value of None removes the key); return its path."""
-    import tomli_w
+    """Merge ``values`` into the profile's file (a value of None removes the key); return its path.
+
+    The file is edited in place with tomlkit, so a person's comments, blank lines and key order survive.
+    """
+    import tomlkit
+    from tomlkit.exceptions import TOMLKitError
 
     known = set(Settings.model_fields) - {"profile", "config_dir"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"Unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}.")
     path = profile_path(profile, directory)
-    merged = read_profile(profile, directory)
+    try:
+        document = tomlkit.parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        document = tomlkit.document()
+    except (OSError, UnicodeDecodeError, TOMLKitError) as exc:
+        raise ConfigError(f"Cannot read the config file {path}: {exc}.") from None
     for key, value in values.items():
         if value is None:
-            merged.pop(key, None)
+            document.pop(key, None)
         else:
-            merged[key] = value
+            document[key] = value
     # Validate before writing so a bad value never lands in the file.
     try:
-        Settings.model_validate({**merged, "profile": profile})
+        Settings.model_validate({**document.unwrap(), "profile": profile})
     except ValidationError as exc:
         first = exc.errors()[0]
         message = str(first["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"Invalid value for {first['loc'][0]}: {message}.") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(merged))
+    tmp.write_text(tomlkit.dumps(document), encoding="utf-8")
     tmp.chmod(0o600)
     tmp.replace(path)
     return path
