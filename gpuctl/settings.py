@@ -29,6 +29,7 @@ __all__ = [
     "config_dir",
     "load_settings",
     "profile_path",
+    "published_url",
     "read_profile",
     "write_profile",
 ]
@@ -116,9 +117,15 @@ class Settings(BaseSettings):
 
     def result_url(self, bucket: str, key: str) -> str:
         """Where a result is published: the CDN when one is configured, else the s3:// URI."""
-        if self.cdn_domain:
-            return f"https://{self.cdn_domain.removeprefix('https://').rstrip('/')}/{key}"
-        return f"s3://{bucket}/{key}"
+        return published_url(bucket, key, self.cdn_domain)
+
+
+def published_url(bucket: str, key: str, cdn_domain: str | None) -> str:
+    """The URL a result at ``s3://bucket/key`` is published as: ``https://<cdn_domain>/<key>`` (the CDN serves
+    the bucket at its root), else the s3:// URI. The adapter and the stand-in's unified API both record this."""
+    if cdn_domain:
+        return f"https://{cdn_domain.removeprefix('https://').rstrip('/')}/{key}"
+    return f"s3://{bucket}/{key}"
 
 
 SETTING_HELP: dict[str, tuple[str, str]] = {

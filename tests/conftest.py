@@ -17,6 +17,24 @@ _SEED_ENV = ("SQS_QUEUE_URL", "DYNAMODB_TABLE", "GPU_INSTANCE_ID")
 
 
 @pytest.fixture(autouse=True)
+def no_standin_leftovers(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory,
+                         ) -> Iterator[Path]:
+    """Each test gets its own temp directory (TMPDIR, in this process and the ones it starts); the test fails
+    if it leaves a ComfyUI stand-in's ``gpuctl-standin-*`` working folder there."""
+    import tempfile
+
+    from gpuctl.local.standin_dirs import PREFIX
+
+    folder = tmp_path_factory.mktemp("tmpdir")
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    left = sorted(p.name for p in folder.glob(PREFIX + "*"))
+    if left:
+        pytest.fail(f"the test left ComfyUI stand-in working folders behind in {folder}: {', '.join(left)}")
+
+
+@pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No test sees the developer's AWS or gpuctl settings; config goes to a temp folder."""
     for name in list(os.environ):

@@ -147,7 +147,8 @@ def down(ctx: typer.Context, output: OutputOpt = None,
     """Stop the processes `gpuctl local up` started and remove local mode's state and profile values.
 
     Only processes whose pid still belongs to what `up` started are signalled (SIGTERM, then SIGKILL
-    after 10 s). Logs stay in the state folder.
+    after 10 s). Logs stay in the state folder. The working folders that killed `gpuctl local comfyui`
+    stand-ins left in the temp directory are removed too.
 
     Examples:
 
@@ -159,11 +160,16 @@ def down(ctx: typer.Context, output: OutputOpt = None,
     result = local_down()
     if out.json:
         out.data(result.document())
-    elif not result.was_up:
+        return
+    if not result.was_up:
         out.note("Local mode is not running.")
     elif not out.quiet:
         out.table(["Component", "PID", "Result"], [(o.name, o.pid, o.result) for o in result.stopped])
         out.note("Local mode is down.")
+    if result.leftovers_removed:
+        count = len(result.leftovers_removed)
+        out.note(f"Removed {count} working folder{'s' if count != 1 else ''} that killed ComfyUI stand-ins "
+                 f"left behind ({Path(result.leftovers_removed[0]).parent}).")
 
 
 # --- gpuctl local status ---------------------------------------------------------------------------
@@ -204,22 +210,44 @@ def status(ctx: typer.Context, output: OutputOpt = None,
 
 @app.command("comfyui")
 def comfyui(
+    ctx: typer.Context,
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port on 127.0.0.1 (0: a free one).")]
     = 8188,
     seconds_per_job: SecondsOpt = 2.0,
+    output_bucket: Annotated[str | None, typer.Option(
+        "--output-bucket", help="Unified API (/api/v1/...): upload results to this S3 bucket, at the "
+        "results_prefix, through the configured endpoint (--endpoint-url, AWS_ENDPOINT_URL).",
+        show_default=False)] = None,
+    cdn_domain: Annotated[str | None, typer.Option(
+        "--cdn-domain", help="With --output-bucket: report results as https://DOMAIN/KEY, as the running "
+        "unified API does behind its CDN.", show_default=False)] = None,
 ) -> None:
     """Run the ComfyUI stand-in in the foreground (a CPU stand-in speaking ComfyUI's protocol, not the model).
 
     It transforms the input picture for real (a perspective warp, a sketch) and labels it as a stand-in.
-    Stop it with Ctrl-C.
+    It also serves the running system's unified API (/api/v1/<job>/jobs); without --output-bucket that API
+    reports file:// result URLs. Stop it with Ctrl-C (or SIGTERM); its working folder goes with it.
 
     Examples:
 
         gpuctl local comfyui --port 8188 --seconds-per-job 5
+
+        gpuctl --profile local local comfyui --port 8000 --output-bucket BUCKET
     """
+    from gpuctl.errors import UsageError
     from gpuctl.local.comfyui_standin import main
 
-    raise typer.Exit(main(["--port", str(port), "--seconds-per-job", str(seconds_per_job)]))
+    argv = ["--port", str(port), "--seconds-per-job", str(seconds_per_job)]
+    if cdn_domain is not None and output_bucket is None:
+        raise UsageError("--cdn-domain needs --output-bucket (the CDN serves the bucket the results go to).")
+    if output_bucket is not None:
+        settings = state(ctx).settings
+        argv += ["--output-bucket", output_bucket, "--output-prefix", settings.results_prefix]
+        if settings.endpoint_url:
+            argv += ["--s3-endpoint-url", settings.endpoint_url]
+        if cdn_domain is not None:
+            argv += ["--cdn-domain", cdn_domain]
+    raise typer.Exit(main(argv))
 
 
 # --- gpuctl demo -----------------------------------------------------------------------------------

@@ -31,12 +31,11 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from urllib.parse import urlsplit
 from aiohttp import WSMsgType, web
 from PIL import Image
 
+from gpuctl.local import standin_dirs
 from gpuctl.local import standin_nodes as nodes
 
 __all__ = ["DEFAULT_VERSION", "StandinConfig", "StandinFaults", "StandinServer", "build_app", "main", "serve"]
@@ -141,8 +141,8 @@ class StandinConfig:
 
     ``seconds_per_job`` is spread over the nodes that actually run (each sampler step counts as one node);
     ``steps`` overrides how many ``progress`` events a sampler sends (default: its ``steps`` input).
-    ``output_bucket``/``output_prefix``/``s3_endpoint_url``/``unified_blocking`` only matter to the unified API
-    routes (see ``standin_unified``).
+    ``output_bucket``/``output_prefix``/``cdn_domain``/``s3_endpoint_url``/``unified_blocking`` only matter to
+    the unified API routes (see ``standin_unified``).
     """
 
     host: str = "127.0.0.1"
@@ -160,6 +160,7 @@ class StandinConfig:
     faults: StandinFaults = field(default_factory=StandinFaults)
     output_bucket: str | None = None
     output_prefix: str = "results/"
+    cdn_domain: str | None = None
     s3_endpoint_url: str | None = None
     unified_blocking: bool = False
 
@@ -1147,20 +1148,20 @@ def _is_loopback(name: str | None) -> bool:
 
 
 def _resolve_dirs(config: StandinConfig) -> tuple[Path, Path, Path]:
-    root: Path | None = None
     dirs = []
-    for name, given in (
-        ("input", config.input_dir),
-        ("output", config.output_dir),
-        ("temp", config.temp_dir),
-    ):
+    for name, given in (("input", config.input_dir), ("output", config.output_dir), ("temp", config.temp_dir)):
         if given is None:
-            if root is None:
-                root = Path(tempfile.mkdtemp(prefix="gpuctl-standin-"))
-            given = root / name
+            raise ValueError(f"StandinConfig.{name}_dir is not set (standin_dirs.working_dirs fills it in)")
         given.mkdir(parents=True, exist_ok=True)
         dirs.append(given.resolve())
     return dirs[0], dirs[1], dirs[2]
+
+
+@contextlib.contextmanager
+def _with_working_dirs(config: StandinConfig) -> Iterator[StandinConfig]:
+    """``config`` with every folder set; the ones it lacked live in a temporary folder removed on exit."""
+    with standin_dirs.working_dirs(config.input_dir, config.output_dir, config.temp_dir) as (inp, out, tmp):
+        yield dataclasses.replace(config, input_dir=inp, output_dir=out, temp_dir=tmp)
 
 
 def build_app(config: StandinConfig) -> web.Application:
@@ -1253,9 +1254,13 @@ async def _run(config: StandinConfig, started: Callable[[str, web.Application], 
 
 
 def serve(config: StandinConfig) -> None:
-    """Run the stand-in in the foreground until SIGINT/SIGTERM. Logs the URL; prints nothing."""
+    """Run the stand-in in the foreground until SIGINT/SIGTERM. Logs the URL; prints nothing.
 
-    async def main_async() -> None:
+    A working folder it had to make (no ``--input-dir``/``--output-dir``/``--temp-dir``) is removed when it
+    stops, by a signal or otherwise.
+    """
+
+    async def main_async(config: StandinConfig) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1271,7 +1276,25 @@ def serve(config: StandinConfig) -> None:
 
         await _run(config, started, stop)
 
-    asyncio.run(main_async())
+    # Until the event loop takes the signals over (and after it gives them back), SIGTERM unwinds as an
+    # exception, so the working folder is still removed.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with _with_working_dirs(config) as ready:
+            # asyncio.run also waits for Pillow work in executor threads: nothing writes after the removal.
+            asyncio.run(main_async(ready))
+    except _Terminated:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 class StandinServer:
@@ -1283,7 +1306,7 @@ class StandinServer:
 
     def __init__(self, config: StandinConfig | None = None) -> None:
         self.config = config or StandinConfig(port=0)
-        self._tmp: Path | None = None
+        self._dirs = contextlib.ExitStack()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -1295,19 +1318,14 @@ class StandinServer:
     def start(self, timeout: float = 10.0) -> str:
         if self._thread is not None:
             raise RuntimeError("StandinServer already started")
-        if None in (self.config.input_dir, self.config.output_dir, self.config.temp_dir):
-            self._tmp = Path(tempfile.mkdtemp(prefix="gpuctl-standin-"))
-            self.config = dataclasses.replace(
-                self.config,
-                input_dir=self.config.input_dir or self._tmp / "input",
-                output_dir=self.config.output_dir or self._tmp / "output",
-                temp_dir=self.config.temp_dir or self._tmp / "temp",
-            )
+        self.config = self._dirs.enter_context(_with_working_dirs(self.config))
         self._thread = threading.Thread(target=self._thread_main, name="comfyui-standin", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
+            self.stop()
             raise TimeoutError("the ComfyUI stand-in did not start in time")
         if self._error is not None:
+            self.stop()
             raise RuntimeError("the ComfyUI stand-in failed to start") from self._error
         return self.base_url
 
@@ -1379,9 +1397,7 @@ class StandinServer:
                 self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
         self._thread = None
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        self._dirs.close()
 
     def __enter__(self) -> StandinServer:
         self.start()
@@ -1405,11 +1421,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="progress events per sampler (default: its steps)")
     p.add_argument("--input-dir", type=Path, default=None, help="ComfyUI input dir (default: a temp dir)")
     p.add_argument("--output-dir", type=Path, default=None, help="ComfyUI output dir (default: a temp dir)")
+    p.add_argument("--temp-dir", type=Path, default=None, help="ComfyUI temp dir (default: a temp dir)")
     p.add_argument("--comfyui-version", default=DEFAULT_VERSION,
                    help=f"version to report and emulate (default {DEFAULT_VERSION})")
     p.add_argument("--no-cache", action="store_true", help="re-run every node of every prompt")
     p.add_argument("--output-bucket", default=None, help="unified API: upload results to this S3 bucket")
     p.add_argument("--output-prefix", default="results/", help="unified API: key prefix for results")
+    p.add_argument("--cdn-domain", default=None,
+                   help="unified API: with --output-bucket, report results as https://<domain>/<key>")
     p.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL / boto3's)")
     p.add_argument("--unified-blocking", action="store_true",
                    help="unified API: answer nothing while a job executes, as the running service does")
@@ -1454,11 +1473,13 @@ def config_from_args(args: argparse.Namespace) -> StandinConfig:
         steps=args.steps,
         input_dir=args.input_dir,
         output_dir=args.output_dir,
+        temp_dir=args.temp_dir,
         comfyui_version=args.comfyui_version,
         cache=not args.no_cache,
         faults=faults,
         output_bucket=args.output_bucket,
         output_prefix=args.output_prefix,
+        cdn_domain=args.cdn_domain,
         s3_endpoint_url=args.s3_endpoint_url,
         unified_blocking=args.unified_blocking,
     )

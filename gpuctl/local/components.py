@@ -176,7 +176,8 @@ def component_spec(name: str, state: sv.LocalState, root: sv.StateDir, port: int
         folder = root.root / "comfyui"
         return Spec(name, [py, "-m", "gpuctl.local.comfyui_standin", "--port", url.rsplit(":", 1)[1],
                            "--seconds-per-job", str(options.seconds_per_job),
-                           "--input-dir", str(folder / "input"), "--output-dir", str(folder / "output")],
+                           "--input-dir", str(folder / "input"), "--output-dir", str(folder / "output"),
+                           "--temp-dir", str(folder / "temp"), *_standin_results(state)],
                     child_env(state), url=url, health_path="/system_stats")
     if name == "adapter":
         return Spec(name, [py, "-m", "adapter"], child_env(state, adapter_env(state)),
@@ -193,6 +194,18 @@ def component_spec(name: str, state: sv.LocalState, root: sv.StateDir, port: int
                            "--idle-minutes", f"{options.idle_seconds / 60:g}"],
                     child_env(state), ready_marker=f'"{READY_EVENT}"')
     raise ValueError(name)
+
+
+def _standin_results(state: sv.LocalState) -> list[str]:
+    """The stand-in's unified API publishes results as the running one does: into the stack's bucket (the
+    emulator's), as ``https://<cdn>/<key>`` when the local profile names a CDN domain. The box starts the stand-in
+    only after the deploy, so the bucket exists by then."""
+    settings = local_settings(state)
+    if not settings.bucket:
+        return []
+    args = ["--output-bucket", settings.bucket, "--output-prefix", settings.results_prefix,
+            "--s3-endpoint-url", state.endpoint_url]
+    return args + (["--cdn-domain", settings.cdn_domain] if settings.cdn_domain else [])
 
 
 def _function_name(state: sv.LocalState) -> str:

@@ -8,7 +8,8 @@ entry and publishes the output.
 Image URLs: ``file://`` paths, ``http(s)://`` on a loopback host, and ``s3://bucket/key`` (read with boto3;
 the endpoint is ``StandinConfig.s3_endpoint_url`` when set, else boto3's own resolution, which honours
 ``AWS_ENDPOINT_URL``). Results: uploaded to ``s3://<output_bucket>/<output_prefix><job>/<job_id>.png`` when an
-output bucket is configured, else the ``file://`` URI of the output PNG.
+output bucket is configured and reported as the running service does: ``https://<cdn_domain>/<key>`` with a CDN
+domain, else that s3:// URI. Without a bucket: the ``file://`` URI of the output PNG.
 
 ``StandinConfig.unified_blocking`` (``--unified-blocking``) plays the running service's shape: one worker whose
 HTTP side answers nothing while a job executes (its status read took 13 s during a 15 s job), so every unified
@@ -22,6 +23,7 @@ import copy
 import io
 import ipaddress
 import logging
+import os
 import random
 import time
 import uuid
@@ -34,8 +36,10 @@ import httpx
 from aiohttp import web
 from PIL import Image
 
+from gpuctl.aws._session import is_local_endpoint
 from gpuctl.errors import UsageError
 from gpuctl.models import JobType, build_camera_prompt, parse_request
+from gpuctl.settings import published_url
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -285,7 +289,12 @@ class UnifiedJobs:
         if self._s3 is None:
             import boto3  # only the s3:// paths need it
 
-            self._s3 = boto3.client("s3", endpoint_url=self.st.config.s3_endpoint_url)
+            endpoint = self.st.config.s3_endpoint_url
+            session = boto3.session.Session()
+            if is_local_endpoint(endpoint or os.environ.get("AWS_ENDPOINT_URL")) and session.get_credentials() is None:
+                # An emulator on loopback takes any key, as for gpuctl itself (gpuctl.aws._session).
+                session = boto3.session.Session(aws_access_key_id="gpuctl-local", aws_secret_access_key="gpuctl-local")
+            self._s3 = session.client("s3", endpoint_url=endpoint, region_name=session.region_name or "us-east-1")
         return self._s3
 
     async def fetch(self, url: str) -> bytes:
@@ -385,7 +394,7 @@ class UnifiedJobs:
             self.s3().put_object(Bucket=bucket, Key=key, Body=path.read_bytes(), ContentType="image/png")
 
         await asyncio.to_thread(put)
-        return f"s3://{bucket}/{key}"
+        return published_url(bucket, key, self.st.config.cdn_domain)
 
 
 def _save_as_png(data: bytes, target: Path) -> None:

@@ -209,10 +209,13 @@ class DownResult:
     was_up: bool
     stopped: list[sv.StopOutcome] = field(default_factory=list)
     profile_removed: bool = False
+    #: The ``gpuctl-standin-*`` folders of killed stand-ins that were removed.
+    leftovers_removed: list[str] = field(default_factory=list)
 
     def document(self) -> dict[str, Any]:
         return {"was_up": self.was_up, "profile_removed": self.profile_removed,
-                "components": [{"name": o.name, "pid": o.pid, "result": o.result} for o in self.stopped]}
+                "components": [{"name": o.name, "pid": o.pid, "result": o.result} for o in self.stopped],
+                "leftovers_removed": self.leftovers_removed}
 
 
 # --- starting components ---------------------------------------------------------------------------
@@ -619,13 +622,20 @@ def _expected(state: sv.LocalState) -> set[str]:
 # --- down ------------------------------------------------------------------------------------------
 
 def local_down(directory: Path | None = None) -> DownResult:
-    """Stop the processes `up` started (only while their pids are still theirs) and remove the state."""
+    """Stop the processes `up` started (only while their pids are still theirs) and remove the state.
+
+    Also removes the working folders that killed ComfyUI stand-ins (``gpuctl local comfyui``) left in the
+    temp directory, whether local mode was up or not.
+    """
+    from gpuctl.local.standin_dirs import sweep_leftovers
+
     root = sv.StateDir(sv.state_dir(directory))
     with root.lock():
         state = root.load()
         if state is None:
-            return DownResult(False)
+            return DownResult(False, leftovers_removed=[str(p) for p in sweep_leftovers()])
         outcomes = _teardown(root, state)
         removed = _forget_profile(state)
-    log.info("local.down", extra={"results": {o.name: o.result for o in outcomes}})
-    return DownResult(True, outcomes, removed)
+    leftovers = [str(p) for p in sweep_leftovers()]
+    log.info("local.down", extra={"results": {o.name: o.result for o in outcomes}, "leftovers": leftovers})
+    return DownResult(True, outcomes, removed, leftovers)
