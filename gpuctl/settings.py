@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     max_image_mb: float = Field(default=20.0, gt=0)
     max_image_megapixels: float = Field(default=40.0, gt=0)
     max_image_side: int = Field(default=12000, ge=16)
+    #: The largest result `gpuctl result` downloads (from S3 or from an https:// result URL).
+    max_result_mb: float = Field(default=200.0, gt=0)
     job_ttl_days: int = Field(default=30, ge=1)
     presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     # `gpuctl status` says why a job waits once it has been pending this long (gpuctl.services.diagnose).

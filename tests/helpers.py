@@ -260,3 +260,77 @@ def png_claiming(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+class HttpsFiles:
+    """A real HTTPS server on 127.0.0.1 (a certificate for ``localhost`` from a test CA, trustme) serving
+    ``files`` by path. Clients trust it through ``SSL_CERT_FILE`` (:attr:`ca_file`): https stays verified.
+
+    ``files[path]`` is ``bytes`` (200 with Content-Length), ``("chunked", bytes)`` (no Content-Length),
+    ``("redirect", location)`` (302) or an ``int`` status with no body.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.files: dict[str, Any] = {}
+        self.requests: list[str] = []
+        self._folder = folder
+        self._server: Any = None
+
+    def __enter__(self) -> HttpsFiles:
+        import ssl
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import trustme
+
+        ca = trustme.CA(key_type=trustme.KeyType.ECDSA)  # ECDSA: no RSA key generation to wait for
+        self.ca_file = self._folder / "test-ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca_file))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.requests.append(self.path)
+                entry = outer.files.get(self.path, 404)
+                if isinstance(entry, int):
+                    self.send_response(entry)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif isinstance(entry, bytes):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(entry)))
+                    self.end_headers()
+                    self.wfile.write(entry)
+                elif entry[0] == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", entry[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                else:
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    body = entry[1]
+                    for start in range(0, len(body), 4096):
+                        piece = body[start:start + 4096]
+                        self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.base_url = f"https://localhost:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, name="https-files", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()

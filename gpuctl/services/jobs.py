@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-from gpuctl.errors import Conflict, UsageError
+from gpuctl.errors import AwsError, Conflict, NotFound, UsageError
 from gpuctl.inputs import display
 from gpuctl.models import CANCEL_MESSAGE, JobRecord, JobStatus, JobType, parse_request
 
@@ -319,19 +319,18 @@ def _completed(gw: Gateways, job_id: str) -> JobRecord:
     return record
 
 
-def _result_object(gw: Gateways, record: JobRecord) -> tuple[str, str]:
-    """The bucket and key behind a result URL: an s3:// URI, or a CDN URL over the results bucket."""
+def _result_object(record: JobRecord) -> tuple[str, str]:
+    """The bucket and key of an s3:// result URL (the bucket it names, whichever bucket is configured)."""
     from gpuctl.aws.s3 import parse_s3_uri
 
     url = record.result_s3_uri or ""
-    if url.startswith("s3://"):
+    if not url.startswith("s3://"):
+        raise Conflict(f"Job {record.task_id} has a result URL gpuctl cannot fetch: {url!r} "
+                       "(it fetches s3:// and https:// results).")
+    try:
         return parse_s3_uri(url)
-    parsed = urlparse(url)
-    key = unquote(parsed.path).lstrip("/")
-    if parsed.scheme != "https" or not key:
-        raise Conflict(f"Job {record.task_id} has a result URL gpuctl cannot fetch: {url!r}.")
-    # The CDN serves the results bucket at its root (Settings.result_url), so the path is the key.
-    return gw.settings.require("bucket"), key
+    except UsageError as exc:
+        raise Conflict(f"Job {record.task_id} has a result URL gpuctl cannot fetch: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -377,29 +376,114 @@ def download_result(
     """Download a completed job's result to ``dest`` (a file, or a folder to put ``<job id>.png`` in; default
     ``.``). A plain path overwrites an existing file; pass a :func:`download_target` to refuse that.
 
+    An ``https://`` result URL (the running system's CDN …) is public: it is downloaded as it is. An ``s3://``
+    one is read from the bucket it names. Either way at most ``max_result_mb``, written to ``<file>.part``
+    first, so nothing half-written is left under the final name.
+
     Raises:
         NotFound: no such job, or its result object is gone.
-        Conflict: the job has not completed.
-        UsageError: the file exists (a target made without ``overwrite``).
+        Conflict: the job has not completed, or its result URL is neither s3:// nor https://.
+        UsageError: the file exists (a target made without ``overwrite``), or the result is larger than
+            ``max_result_mb``.
+        AwsError: S3 refused (access denied, with the bucket named) or the URL could not be reached.
     """
     target = dest if isinstance(dest, DownloadTarget) else download_target(dest, overwrite=True)
     record = _completed(gw, job_id)
-    bucket, key = _result_object(gw, record)
+    url = record.result_s3_uri or ""
+    https = url.startswith("https://")
+    bucket, key = ("", unquote(urlparse(url).path)) if https else _result_object(record)
     path = target.file_for(record.task_id, key)
     if path.exists() and not target.overwrite:
         raise UsageError(f"{display(str(path))} already exists; pass --force to overwrite it.")
-    size = gw.store.size(bucket, key)
-    callback = None
-    if on_progress is not None:
-        done = 0
+    max_bytes = int(gw.settings.max_result_mb * 1024 * 1024)
+    if https:
+        size = _download_https(gw, url, path, max_bytes=max_bytes, on_progress=on_progress)
+        return ResultFile(record.task_id, url, path, size)
+    try:
+        size = gw.store.size(bucket, key)
+        if size > max_bytes:
+            raise UsageError(_too_large(gw, url))
+        callback = None
+        if on_progress is not None:
+            done = 0
 
-        def callback(n: int) -> None:
-            nonlocal done
-            done += n
-            on_progress(done, size)
+            def callback(n: int) -> None:
+                nonlocal done
+                done += n
+                on_progress(done, size)
 
-    gw.store.download_file(bucket, key, path, on_progress=callback)
-    return ResultFile(record.task_id, record.result_s3_uri or "", path, size)
+        gw.store.download_file(bucket, key, path, on_progress=callback)
+    except AwsError as exc:
+        raise _access_denied(gw, exc, bucket, key) or exc from None
+    return ResultFile(record.task_id, url, path, size)
+
+
+def _too_large(gw: Gateways, url: str) -> str:
+    return (f"The result {url} is larger than max_result_mb ({gw.settings.max_result_mb:g} MB); raise it with "
+            "`gpuctl config set max_result_mb N` to download it.")
+
+
+def _access_denied(gw: Gateways, exc: AwsError, bucket: str, key: str) -> AwsError | None:
+    """The sentence for an S3 refusal, naming the bucket (None: not a refusal)."""
+    if exc.code not in {"AccessDenied", "403", "AllAccessDisabled"}:
+        return None
+    configured = gw.settings.bucket
+    where = (f"it is in the bucket {bucket}, not this profile's bucket {configured}, and "
+             if configured and configured != bucket else "")
+    return AwsError(f"Access denied to the result s3://{bucket}/{key} ({exc.code}): {where}your credentials "
+                    f"may not read it (s3:GetObject on {bucket}).", code=exc.code)
+
+
+def _download_https(gw: Gateways, url: str, target: Path, *, max_bytes: int,
+                    on_progress: DownloadProgress | None) -> int:
+    """Stream a public https:// result into ``target`` (through ``<target>.part``); return its size."""
+    import httpx
+
+    from gpuctl.inputs import redact_url
+
+    shown = redact_url(url)
+
+    def https_only(request: httpx.Request) -> None:
+        if request.url.scheme != "https":  # a redirect to plain http
+            raise UsageError(f"The result URL {shown} redirects to {request.url.scheme}://; gpuctl downloads "
+                             "results over https only.")
+
+    settings = gw.settings
+    timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    try:
+        with httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=5,
+                          event_hooks={"request": [https_only]}) as client, \
+                client.stream("GET", url) as response:
+            if response.status_code in (401, 403, 404, 410):
+                raise NotFound(f"The result {shown} answered HTTP {response.status_code}: it is not there "
+                               "(or no longer public).")
+            if response.status_code >= 400:
+                raise AwsError(f"Cannot download the result {shown}: it answered HTTP {response.status_code}; "
+                               "try again shortly.", code=str(response.status_code))
+            length = response.headers.get("content-length", "")
+            total = int(length) if length.isdigit() else 0
+            if total > max_bytes:
+                raise UsageError(_too_large(gw, shown))
+            done = 0
+            with part.open("wb") as fh:
+                for chunk in response.iter_bytes():
+                    done += len(chunk)
+                    if done > max_bytes:
+                        raise UsageError(_too_large(gw, shown))
+                    fh.write(chunk)
+                    if on_progress is not None:
+                        on_progress(done, max(total, done))
+    except httpx.HTTPError as exc:
+        part.unlink(missing_ok=True)
+        reason = str(exc).split("\n", 1)[0] or type(exc).__name__
+        raise AwsError(f"Cannot download the result {shown}: {reason.rstrip('.')}.", code="Unreachable") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(target)
+    return done
 
 
 def result_url(gw: Gateways, job_id: str) -> str:
@@ -413,5 +497,5 @@ def result_url(gw: Gateways, job_id: str) -> str:
     url = record.result_s3_uri or ""
     if url.startswith("https://"):
         return url
-    bucket, key = _result_object(gw, record)
+    bucket, key = _result_object(record)
     return gw.store.presign_get(bucket, key, expires=gw.settings.presign_seconds)

@@ -252,20 +252,6 @@ def _local(gateways: Any, status: JobStatus, **fields: Any) -> JobRecord:
     return record
 
 
-def test_cdn_result_is_fetched_from_the_results_bucket(gateways: Any, aws: Resources, tmp_path: Path) -> None:
-    """A CDN result URL maps to the same key in the bucket; --url returns the CDN URL itself."""
-    from gpuctl.services.jobs import download_result, result_url
-
-    gateways.store.put_bytes(b"cdn bytes", aws.bucket, "results/j/out.png")
-    done = _local(gateways, JobStatus.COMPLETED, result_s3_uri="https://d123.cloudfront.net/results/j/out.png")
-    progress: list[tuple[int, int]] = []
-    saved = download_result(gateways, done.task_id, tmp_path, on_progress=lambda d, t: progress.append((d, t)))
-    assert saved.path == tmp_path / f"{done.task_id}.png"
-    assert saved.path.read_bytes() == b"cdn bytes"
-    assert progress[-1] == (9, 9)
-    assert result_url(gateways, done.task_id) == "https://d123.cloudfront.net/results/j/out.png"
-
-
 def test_failed_job_result_names_the_error(gateways: Any) -> None:
     """Asking for the result of a failed job says why it failed."""
     from gpuctl.errors import Conflict
