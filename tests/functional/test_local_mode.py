@@ -151,6 +151,16 @@ def test_pending_runbook_on_the_stopped_box(state_dir: Path, clean_env: Path, tm
     assert up.healthy, up
     box_pids = {n: p for n, p in _pids(up).items() if n in ("comfyui", "adapter")}
 
+    # WHEN a job goes through the stand-in's unified API (the running system's layout)
+    comfy = next(c.url for c in up.components if c.name == "comfyui")
+    assert comfy is not None
+    unified = _unified_job(comfy, f"s3://{bucket}/{key}")  # the first job's result as its input
+    # THEN its result is in local mode's bucket, named as the running unified API names it
+    assert unified["status"] == "completed", unified
+    assert unified["result_s3_uri"] == f"s3://{bucket}/results/camera-angle/{unified['job_id']}.png"
+    assert boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").head_object(
+        Bucket=bucket, Key=f"results/camera-angle/{unified['job_id']}.png")["ContentLength"] > 0
+
     # WHEN the instance is stopped
     assert _gpuctl("gpuctl instance stop --wait").returncode == 0
     # THEN the box shuts down: the adapter got SIGTERM and stopped cleanly, then ComfyUI
@@ -246,6 +256,20 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
         return '"box.off"' in box_log[box_log.rindex('"box.stopping"'):]
 
     _wait(box_went_off, timeout=30)
+
+
+def _unified_job(comfy: str, image_url: str) -> dict[str, Any]:
+    """Run one camera-angle job through the stand-in's /api/v1 routes; its last status document."""
+    import httpx
+
+    job = httpx.post(f"{comfy}/api/v1/camera-angle/jobs", json={"image_url": image_url}, timeout=10).json()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        doc: dict[str, Any] = httpx.get(f"{comfy}/api/v1/jobs/{job['job_id']}", timeout=10).json()
+        if doc["status"] in ("completed", "failed"):
+            return doc
+        time.sleep(0.1)
+    raise AssertionError(f"the unified job {job['job_id']} did not finish")
 
 
 def test_up_restarts_a_component_that_died(state_dir: Path) -> None:
