@@ -1231,7 +1231,11 @@ async def _run(config: StandinConfig, started: Callable[[str, web.Application], 
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=2.0)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()  # the worker started with the app: stop it too (a port in use …)
+        raise
     sockname = runner.addresses[0]
     host, port = sockname[0], sockname[1]
     holder = {"site": site}

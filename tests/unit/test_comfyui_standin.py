@@ -135,3 +135,13 @@ def test_unified_request_defaults_and_graph() -> None:
     assert graph["14"]["inputs"]["seed"] == 3
     assert graph["31"]["inputs"]["image"] == "unified/a_1.png"
     assert graph["80"]["inputs"]["filename_prefix"] == "unified/a"
+
+
+def test_command_line_takes_every_folder_and_the_cdn_domain(tmp_path: Path) -> None:
+    """--temp-dir and --cdn-domain reach the config (local mode passes all three folders and the bucket)."""
+    args = _parser().parse_args(["--input-dir", str(tmp_path / "i"), "--output-dir", str(tmp_path / "o"),
+                                 "--temp-dir", str(tmp_path / "t"), "--output-bucket", "b",
+                                 "--cdn-domain", "cdn.example.net"])
+    config = config_from_args(args)
+    assert (config.input_dir, config.output_dir, config.temp_dir) == (tmp_path / "i", tmp_path / "o", tmp_path / "t")
+    assert (config.output_bucket, config.cdn_domain) == ("b", "cdn.example.net")
