@@ -31,7 +31,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -387,6 +387,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _FreshSpecs(Mapping[str, Spec]):
+    """The box's services, each spec built from the local state at the moment it is started: the box starts
+    before the stack is deployed, and the stand-in's spec names the stack's bucket (its unified-API results)."""
+
+    def __init__(self, root: sv.StateDir, names: list[str]) -> None:
+        self._root, self._names = root, names
+
+    def __getitem__(self, name: str) -> Spec:
+        from gpuctl.local.components import component_spec
+
+        if name not in self._names:
+            raise KeyError(name)
+        state = self._root.load()
+        if state is None:
+            raise GpuctlError(f"the local state in {self._root.root} is gone")
+        return component_spec(name, state, self._root)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run until SIGTERM/SIGINT; exit 2 when the local state cannot be read."""
     from gpuctl.local.components import LocalClients, LocalOptions, admin_settings, component_spec
@@ -403,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     options = LocalOptions.from_document(state.options)
     names = [n for n in BOX_SERVICES if not (n == "comfyui" and options.comfyui_url)]
     try:
-        specs = {n: component_spec(n, state, root) for n in names}
+        for name in names:  # checked once now; each boot builds them again from the state as it is then
+            component_spec(name, state, root)
+        specs = _FreshSpecs(root, names)
     except GpuctlError as exc:
         log.error("box.config_error", extra={"error": str(exc)})
         return 2
