@@ -168,7 +168,10 @@ class MessageHandler:
     def _claim(self, msg: ReceivedMessage, task_id: str) -> Claim | str:
         limit = self._max_receive_count()
         token = secrets.token_hex(4)
-        fields = {"worker": self._s.worker_id, "attempt_token": token, "heartbeat_at": now(), "progress": 0.0}
+        claimed_at = now()
+        # started_at: when this attempt took the job (gpuctl cost report measures GPU time from it).
+        fields = {"worker": self._s.worker_id, "attempt_token": token, "heartbeat_at": claimed_at,
+                  "started_at": claimed_at, "progress": 0.0}
         if msg.receive_count >= limit:
             # The last receive SQS allows: never run on it (see the module docstring).
             try:

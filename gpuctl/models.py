@@ -371,6 +371,8 @@ class JobRecord(BaseModel):
     idempotency_key: str | None = None
     retry_of: str | None = None
     finished_at: float | None = None
+    #: When the adapter's (last) attempt claimed the job: its GPU time runs from here to finished_at.
+    started_at: float | None = None
     queued: bool | None = None
 
     @model_validator(mode="before")

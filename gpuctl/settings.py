@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     cdn_domain: str | None = _env("GPUCTL_CDN_DOMAIN")
     #: The scheduler Lambda's log group (`gpuctl instance decisions`); deploy records it from the stack.
     scheduler_log_group: str | None = _env("GPUCTL_SCHEDULER_LOG_GROUP")
+    #: The instance's recorded state changes (`gpuctl cost`); deploy records it from the stack.
+    history_table: str | None = _env("GPUCTL_HISTORY_TABLE")
     stack_name: str = "gpuctl"
 
     inputs_prefix: str = "inputs/"
@@ -140,6 +142,7 @@ SETTING_HELP: dict[str, tuple[str, str]] = {
     "bucket": ("S3 bucket for inputs and results", "GPUCTL_BUCKET"),
     "endpoint_url": ("AWS endpoint URL", "GPUCTL_ENDPOINT_URL"),
     "scheduler_log_group": ("scheduler log group", "GPUCTL_SCHEDULER_LOG_GROUP"),
+    "history_table": ("instance history table", "GPUCTL_HISTORY_TABLE"),
 }
 
 

@@ -37,6 +37,8 @@ Environment:
     STATUS_INDEX         GSI name (default ``status-created_at-index``)
     AWS_ENDPOINT_URL     optional endpoint (local emulator)
     LOG_LEVEL            default INFO
+    HISTORY_TABLE        the instance history table (optional; EC2 state-change events, see history.py)
+    HISTORY_TTL_DAYS     how long a recorded state change is kept (default 400)
 
 Local mode (moto never runs Lambda code) calls :func:`run_once` in a loop with its own clients.
 
@@ -66,6 +68,7 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+import history
 from decide import (
     Decision,
     Facts,
@@ -742,7 +745,10 @@ def _act(config: SchedulerConfig, clients: Clients, decision: Decision, gathered
 
 
 def event_kind(event: Any) -> str:
-    """``alarm`` (CloudWatch alarm action), ``schedule`` (EventBridge scheduled event) or ``invoke``."""
+    """``alarm`` (CloudWatch alarm action), ``schedule`` (EventBridge scheduled event), ``ec2_state`` (an EC2
+    instance state change, recorded by history.py) or ``invoke``."""
+    if history.is_state_change(event):
+        return "ec2_state"
     if isinstance(event, Mapping):
         if event.get("source") == "aws.cloudwatch" and "alarmData" in event:
             return "alarm"
@@ -841,6 +847,15 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
     config = SchedulerConfig.from_env(os.environ)
     clients = _warm_clients(config.region, config.endpoint_url)
+    if event_kind(event) == "ec2_state":
+        # A state change is recorded, not decided on (the schedule and the alarm decide).
+        logging.getLogger("gpuctl.history").setLevel(logger.level)
+        change = history.record_event(event, history.HistoryConfig.from_env(os.environ), clients.ec2,
+                                      clients.dynamodb)
+        if any(e["fact"] == "store state change" for e in change["errors"]):
+            raise history.HistoryRecordFailed(f"the state change {change.get('state')} of "
+                                              f"{change.get('instance_id')} was not stored: {change['errors']}")
+        return change
     record = run_once(config, clients, trigger=event_kind(event))
     if record["errors"]:
         failed = "; ".join(f"{e['fact']}: {e['code']}" for e in record["errors"])

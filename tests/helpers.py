@@ -334,3 +334,21 @@ class HttpsFiles:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+HISTORY_TABLE = "gpuctl-instance-history"
+
+
+def create_history_table(session: Any, endpoint_url: str | None = None) -> str:
+    """The instance history table as infra/cloudformation.yaml's HistoryTable defines it (keys and TTL)."""
+    kw = {"endpoint_url": endpoint_url} if endpoint_url else {}
+    ddb = session.client("dynamodb", region_name=REGION, **kw)
+    ddb.create_table(
+        TableName=HISTORY_TABLE, BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": "instance_id", "AttributeType": "S"},
+                              {"AttributeName": "at", "AttributeType": "N"}],
+        KeySchema=[{"AttributeName": "instance_id", "KeyType": "HASH"}, {"AttributeName": "at", "KeyType": "RANGE"}],
+    )
+    ddb.update_time_to_live(TableName=HISTORY_TABLE,
+                            TimeToLiveSpecification={"AttributeName": "expires_at", "Enabled": True})
+    return HISTORY_TABLE

@@ -508,6 +508,16 @@ class JobTable:
         return TableInfo(self.table_name, str(table.get("TableStatus", "")), None if count is None else int(count),
                          bool(table.get("DeletionProtectionEnabled", False)), indexes)
 
+    def ttl(self) -> tuple[str | None, str]:
+        """The TTL attribute and its status (``ENABLED``, ``DISABLED``, …)."""
+        import botocore.exceptions
+
+        try:
+            answer: Any = self._client.describe_time_to_live(TableName=self.table_name)["TimeToLiveDescription"]
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise translate(exc, self._what()) from exc
+        return answer.get("AttributeName"), str(answer.get("TimeToLiveStatus", "DISABLED"))
+
     def count_items(self, *, max_pages: int = 20) -> tuple[int, bool]:
         """Count every item with a Scan (Select COUNT); return (count, exact). Stops after ``max_pages`` pages
         (1 MB each), when the count is a lower bound (``exact`` False)."""

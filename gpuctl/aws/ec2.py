@@ -13,7 +13,7 @@ from gpuctl.errors import AwsError, Conflict, NotFound, WaitTimeout
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
-__all__ = ["CapacityError", "GpuInstance", "InstanceInfo"]
+__all__ = ["CapacityError", "GpuInstance", "InstanceInfo", "Volume"]
 
 _CAPACITY = {"InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientCapacity",
              "InstanceLimitExceeded", "Unsupported"}
@@ -30,12 +30,22 @@ class InstanceInfo:
     instance_type: str | None
     launch_time: dt.datetime | None
     tags: dict[str, str] = field(default_factory=dict)
+    #: The instance profile associated with it (None: none); its attached EBS volume ids.
+    profile_arn: str | None = None
+    volume_ids: tuple[str, ...] = ()
 
     def uptime_seconds(self, now: dt.datetime | None = None) -> float | None:
         if self.state != "running" or self.launch_time is None:
             return None
         now = now or dt.datetime.now(dt.UTC)
         return max(0.0, (now - self.launch_time).total_seconds())
+
+
+@dataclass(frozen=True)
+class Volume:
+    volume_id: str
+    size_gb: int
+    volume_type: str
 
 
 class GpuInstance:
@@ -78,8 +88,19 @@ class GpuInstance:
                     instance_type=inst.get("InstanceType"),
                     launch_time=inst.get("LaunchTime"),
                     tags={t["Key"]: t["Value"] for t in inst.get("Tags", [])},
+                    profile_arn=inst.get("IamInstanceProfile", {}).get("Arn"),
+                    volume_ids=tuple(m["Ebs"]["VolumeId"] for m in inst.get("BlockDeviceMappings", [])
+                                     if m.get("Ebs", {}).get("VolumeId")),
                 )
         raise NotFound(f"The EC2 instance {self.instance_id} does not exist.")
+
+    def volumes(self, volume_ids: tuple[str, ...]) -> list[Volume]:
+        """The size and type of the given EBS volumes (what the instance costs while stopped)."""
+        if not volume_ids:
+            return []
+        response = self._call(self._client.describe_volumes, VolumeIds=list(volume_ids))
+        return [Volume(str(v["VolumeId"]), int(v.get("Size", 0)), str(v.get("VolumeType", "gp3")))
+                for v in response.get("Volumes", [])]
 
     def start(self) -> tuple[str, str]:
         """Ask EC2 to start the instance; return its ``(previous, current)`` states."""

@@ -50,6 +50,20 @@ class ObjectStore:
             return NotFound(f"s3://{bucket}/{key} does not exist.")
         return translate(exc, f"s3://{bucket}/{key}")
 
+    def lifecycle_rules(self, bucket: str) -> list[dict[str, Any]]:
+        """The bucket's enabled lifecycle rules (none: an empty list)."""
+        import botocore.exceptions
+
+        try:
+            answer: Any = self._client.get_bucket_lifecycle_configuration(Bucket=bucket)
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) == "NoSuchLifecycleConfiguration":
+                return []
+            raise translate(exc, f"the bucket {bucket}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise translate(exc, f"the bucket {bucket}") from exc
+        return [dict(r) for r in answer.get("Rules", []) if r.get("Status") == "Enabled"]
+
     def upload_file(
         self, path: Path, bucket: str, key: str, *, content_type: str | None = None,
         on_progress: Progress | None = None,

@@ -16,6 +16,10 @@ everything here reads one clock.
 Logs one JSON object per line on stderr; ``local_scheduler.ready`` after the first successful tick. Each decision
 that acts or differs from the previous one is also written, as the Lambda's own record, to the function's log
 group in the emulator (``/aws/lambda/<function>``), where ``gpuctl instance decisions`` reads it as on AWS.
+
+The emulator emits no EC2 state-change events either: each tick compares the instance's state with the one it
+saw last and hands every change to the Lambda's own history recorder (``history.py``) as the event EventBridge
+would deliver, so ``gpuctl cost report`` works locally too (times are then exact to one tick).
 """
 
 from __future__ import annotations
@@ -100,6 +104,39 @@ class _DecisionShipper:
             log.warning("local_scheduler.log_failed", extra={"group": self.group, "error": str(exc)})
 
 
+class _StateWatcher:
+    """Turns the instance state changes this loop observes into EC2 state-change events for history.py."""
+
+    def __init__(self, handler: ModuleType, env: dict[str, str], clients: Any, instance_id: str,
+                 region: str) -> None:
+        import importlib
+
+        self._history = importlib.import_module("history")  # beside handler.py, on sys.path since load_handler
+        self._config = self._history.HistoryConfig.from_env(env)
+        self._clients = clients
+        self._instance_id = instance_id
+        self._region = region
+        self._last: str | None = None
+
+    def tick(self) -> None:
+        import time
+
+        import botocore.exceptions
+
+        try:
+            answer = self._clients.ec2.describe_instances(InstanceIds=[self._instance_id])
+            state = answer["Reservations"][0]["Instances"][0]["State"]["Name"]
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, LookupError) as exc:
+            log.warning("local_scheduler.state_unread", extra={"error": str(exc)})
+            return
+        if state == self._last:
+            return
+        event = self._history.state_change_event(self._instance_id, state, at=time.time(), region=self._region)
+        record = self._history.record_event(event, self._config, self._clients.ec2, self._clients.dynamodb)
+        if record.get("stored") or self._config.table_name is None:
+            self._last = state  # a failed write is retried on the next tick
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gpuctl.local.scheduler",
                                 description="Call the scheduler Lambda's handler every few seconds (local mode).")
@@ -154,10 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     log.info("local_scheduler.started", extra={"function": args.function_name, "interval_s": args.interval,
                                                "instance_id": config.instance_id,
                                                "idle_minutes": env.get("IDLE_MINUTES")})
+    history = _StateWatcher(handler, env, clients, config.instance_id, args.region)
     ready = False
     last: tuple[Any, ...] | None = None
     # Like the EventBridge schedule: one run per tick; a failed run is logged and the next tick tries again.
     while not stop.is_set():
+        history.tick()
         try:
             record = handler.run_once(config, clients, trigger="schedule")
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
@@ -169,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("local_scheduler.decision", extra={k: record.get(k) for k in
                                                             ("action", "code", "reason", "outcome")})
                 shipper.ship(record)
+            history.tick()
             if not ready:
                 ready = True
                 log.info(READY_EVENT)

@@ -46,6 +46,9 @@ COMMANDS: dict[str, str] = {
     "local down": "local_down",
     "demo": "demo",
     "adapter check": "adapter_check",
+    "cost report": "cost_report",
+    "cost simulate": "cost_simulate",
+    "doctor": "doctor",
 }
 
 

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from gpuctl.aws._session import AwsClients
     from gpuctl.aws.dynamo import JobTable
     from gpuctl.aws.ec2 import GpuInstance
+    from gpuctl.aws.history import InstanceHistory
     from gpuctl.aws.s3 import ObjectStore
     from gpuctl.aws.sqs import JobQueue
     from gpuctl.settings import Settings
@@ -42,6 +43,12 @@ class Gateways:
         from gpuctl.aws.ec2 import GpuInstance
 
         return GpuInstance(self.clients.ec2, self.settings.require("instance_id"))
+
+    @functools.cached_property
+    def history(self) -> InstanceHistory:
+        from gpuctl.aws.history import InstanceHistory
+
+        return InstanceHistory(self.clients.dynamodb, self.settings.require("history_table"))
 
     @functools.cached_property
     def store(self) -> ObjectStore:

@@ -64,6 +64,7 @@ OUTPUT_SETTINGS: dict[str, str] = {
     "CdnDomain": "cdn_domain",
     "Region": "region",
     "LogGroupName": "scheduler_log_group",
+    "HistoryTableName": "history_table",
 }
 # Only CAPABILITY_IAM is needed today (generated IAM names); NAMED_IAM keeps a template that names its
 # roles deployable too. Both are acknowledgements, not permissions.

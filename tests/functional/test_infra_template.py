@@ -316,8 +316,13 @@ def test_schedule_and_alarm_may_invoke_the_lambda(stack: dict[str, str]) -> None
     targets = events.list_targets_by_rule(Rule=stack["ScheduleRuleName"])["Targets"]
     assert [t["Arn"] for t in targets] == [fn_arn]
     policy = json.loads(lam.get_policy(FunctionName=stack["LambdaFunctionName"])["Policy"])
+    events_arns = {s["Condition"]["ArnLike"]["AWS:SourceArn"] for s in policy["Statement"]
+                   if s["Principal"]["Service"] == "events.amazonaws.com"}
     by_principal = {s["Principal"]["Service"]: s["Condition"] for s in policy["Statement"]}
-    assert by_principal["events.amazonaws.com"]["ArnLike"]["AWS:SourceArn"] == rule["Arn"]
+    # The schedule, and the instance state-change rule of gpuctl cost (issue 14).
+    state_rule = events.describe_rule(Name=stack["StateChangeRuleName"])
+    assert events_arns == {rule["Arn"], state_rule["Arn"]}
+    assert json.loads(state_rule["EventPattern"])["detail"]["instance-id"] == [stack["InstanceId"]]
     alarm = by_principal["lambda.alarms.cloudwatch.amazonaws.com"]
     assert alarm["ArnLike"]["AWS:SourceArn"].endswith(f":alarm:{stack['AlarmName']}")
     assert alarm["StringEquals"]["AWS:SourceAccount"] == "123456789012"
@@ -428,8 +433,11 @@ def test_existing_resources_are_used_instead_of_created(emulator: dict[str, Any]
     assert (out["TableName"], out["BucketName"]) == (seed.table_name, seed.bucket)
     assert out["QueueArn"] == f"arn:aws:sqs:{REGION}:123456789012:{seed.queue_url.rsplit('/', 1)[1]}"
     assert out["DeadLetterQueueArn"] == f"arn:aws:sqs:{REGION}:123456789012:{seed.dlq_url.rsplit('/', 1)[1]}"
-    created = {r.get("ResourceType") for r in cfn.list_stack_resources(StackName="beside")["StackResourceSummaries"]}
-    assert "AWS::DynamoDB::Table" not in created and "AWS::S3::Bucket" not in created
+    summaries = cfn.list_stack_resources(StackName="beside")["StackResourceSummaries"]
+    created = {r.get("ResourceType") for r in summaries}
+    # Only the instance history table (issue 14) is the stack's own, beside the existing task table.
+    tables = {r.get("LogicalResourceId") for r in summaries if r.get("ResourceType") == "AWS::DynamoDB::Table"}
+    assert tables == {"HistoryTable"} and "AWS::S3::Bucket" not in created
     queues = boto3.client("sqs", region_name=REGION).list_queues()["QueueUrls"]
     assert sorted(q.rsplit("/", 1)[1] for q in queues) == sorted(
         [seed.queue_url.rsplit("/", 1)[1], seed.dlq_url.rsplit("/", 1)[1], "gpuctl-gpu-scheduler-failures"])

@@ -1,0 +1,217 @@
+"""The record of the GPU instance's life: one item per EC2 state change, with its time and cause.
+
+EventBridge delivers "EC2 Instance State-change Notification" events for the GPU instance(s) to the scheduler
+Lambda (``handler.lambda_handler`` dispatches them here). Each becomes one item of the stack's history table:
+
+    instance_id (HASH, S)   the instance the event names (any instance the rule lets through: fleet-ready)
+    at          (RANGE, N)  the event's time (epoch seconds) plus a state rank / 10 (two changes within the
+                            same second keep their order; a redelivered event writes the same key again)
+    event_at                the event's time itself (what reports measure with)
+    state                   pending | running | stopping | stopped | shutting-down | terminated
+    cause                   submit | scheduler | cli | <another gpuctl actor> | other
+    by, reason              from the ``gpuctl:started-by/-reason`` or ``gpuctl:stopped-by/-reason`` tags
+    instance_type           from DescribeInstances (the price of the running time depends on it)
+    event_id, expires_at    the EventBridge event id; TTL (HISTORY_TTL_DAYS, default 400)
+
+Cause: gpuctl writes ``gpuctl:started-at/-by/-reason`` after every start it makes (submit, the scheduler,
+``gpuctl instance start``) and ``gpuctl:stopped-*`` after every stop. A start-type state (pending, running)
+takes the started-* tags when ``gpuctl:started-at`` is no older than :data:`TAG_FRESH_SECONDS` before the event
+(and not later than the allowed skew after it); a stop-type state likewise the stopped-* tags. Otherwise the
+change was made by the console or something else (``other``). The tags are written just after the
+Start/StopInstances call returns, so the first event of a change (``pending``, ``stopping``) may be read
+before them; the second one (``running``, ``stopped``) comes seconds to minutes later and carries the cause,
+and ``gpuctl cost report`` takes an interval's cause from any of its events.
+
+Environment: HISTORY_TABLE (required for recording; unset: events are logged and not stored),
+HISTORY_TTL_DAYS (default 400). Local mode (moto emits no EC2 events) builds the same event JSON from the
+state changes its scheduler loop observes (:func:`state_change_event`) and calls :func:`record_event`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from decide import parse_time
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+    from mypy_boto3_ec2 import EC2Client
+
+__all__ = [
+    "DETAIL_TYPE",
+    "STATE_RANK",
+    "HistoryConfig",
+    "HistoryRecordFailed",
+    "attribute",
+    "is_state_change",
+    "record_event",
+    "state_change_event",
+]
+
+logger = logging.getLogger("gpuctl.history")
+
+DETAIL_TYPE = "EC2 Instance State-change Notification"
+#: The order of the states within one second (also the fraction added to ``at``).
+STATE_RANK = {"pending": 1, "running": 2, "stopping": 3, "stopped": 4, "shutting-down": 5, "terminated": 6}
+START_STATES = frozenset({"pending", "running"})
+STOP_STATES = frozenset({"stopping", "stopped", "shutting-down", "terminated"})
+#: A gpuctl tag older than this before the event did not cause it (a stop takes minutes at most).
+TAG_FRESH_SECONDS = 900.0
+#: A tag this much after the event still counts (the writer's clock may be ahead).
+TAG_SKEW_SECONDS = 60.0
+DEFAULT_TTL_DAYS = 400.0
+
+#: gpuctl actors (the ``-by`` tags) and the cause each stands for.
+_ACTORS = {"gpuctl-scheduler": "scheduler", "gpuctl-cli": "cli"}
+
+
+class HistoryRecordFailed(RuntimeError):
+    """Raised by the handler after logging a state change that could not be stored (so the event is retried)."""
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    table_name: str | None
+    ttl_days: float = DEFAULT_TTL_DAYS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> HistoryConfig:
+        raw = env.get("HISTORY_TTL_DAYS") or ""
+        ttl = DEFAULT_TTL_DAYS
+        if raw:
+            try:
+                ttl = float(raw)
+            except ValueError:
+                raise ValueError(f"HISTORY_TTL_DAYS must be a number, got {raw!r}") from None
+            if not math.isfinite(ttl) or ttl < 1:
+                raise ValueError(f"HISTORY_TTL_DAYS must be at least 1, got {raw!r}")
+        return cls(env.get("HISTORY_TABLE") or None, ttl)
+
+
+def is_state_change(event: Any) -> bool:
+    return isinstance(event, Mapping) and event.get("source") == "aws.ec2" \
+        and event.get("detail-type") == DETAIL_TYPE
+
+
+def state_change_event(instance_id: str, state: str, *, at: float, region: str = "us-east-1",
+                       account: str = "123456789012") -> dict[str, Any]:
+    """The event EventBridge delivers for one state change (for local mode, where nothing emits it)."""
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": DETAIL_TYPE,
+        "source": "aws.ec2",
+        "account": account,
+        "time": datetime.fromtimestamp(at, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": region,
+        "resources": [f"arn:aws:ec2:{region}:{account}:instance/{instance_id}"],
+        "detail": {"instance-id": instance_id, "state": state},
+    }
+
+
+@dataclass(frozen=True)
+class Cause:
+    cause: str
+    by: str | None = None
+    reason: str | None = None
+
+
+def attribute(state: str, tags: Mapping[str, str], event_at: float) -> Cause:
+    """Who or what caused a change to ``state`` at ``event_at``, from the instance's gpuctl tags."""
+    if state in START_STATES:
+        prefix = "gpuctl:started-"
+    elif state in STOP_STATES:
+        prefix = "gpuctl:stopped-"
+    else:
+        return Cause("other")
+    other = "gpuctl:stopped-at" if prefix == "gpuctl:started-" else "gpuctl:started-at"
+    tagged_at, opposite_at = parse_time(tags.get(prefix + "at")), parse_time(tags.get(other))
+    if tagged_at is None or not (event_at - TAG_FRESH_SECONDS <= tagged_at <= event_at + TAG_SKEW_SECONDS):
+        return Cause("other")
+    if opposite_at is not None and opposite_at > tagged_at:
+        return Cause("other")  # the tag is from an earlier change: a later opposite one came after it
+    by = tags.get(prefix + "by") or None
+    reason = tags.get(prefix + "reason") or None
+    if by == "gpuctl-cli" and reason == "job submitted":
+        return Cause("submit", by, reason)
+    cause = _ACTORS.get(by or "", by or "other")
+    return Cause(cause, by, reason)
+
+
+def _describe(ec2: EC2Client, instance_id: str) -> tuple[dict[str, str], str | None]:
+    reservations = ec2.describe_instances(InstanceIds=[instance_id]).get("Reservations") or []
+    for reservation in reservations:
+        for instance in reservation.get("Instances", []):
+            tags = {t["Key"]: t["Value"] for t in instance.get("Tags", []) if "Key" in t and "Value" in t}
+            return tags, instance.get("InstanceType")
+    return {}, None
+
+
+def record_event(event: Mapping[str, Any], config: HistoryConfig, ec2: EC2Client, ddb: DynamoDBClient,
+                 *, now: float | None = None) -> dict[str, Any]:
+    """Store one state-change event; return the record (also logged as one JSON line).
+
+    The record's ``errors`` lists what failed: the tags could not be read (the cause is then ``unknown``,
+    the change is still stored), or the item could not be written (the caller raises so the event is retried).
+    """
+    detail = event.get("detail") or {}
+    instance_id = str(detail.get("instance-id") or "")
+    state = str(detail.get("state") or "")
+    event_at = parse_time(str(event.get("time") or ""))
+    received = time.time() if now is None else now
+    errors: list[dict[str, str]] = []
+    record: dict[str, Any] = {"event": "history.state_change", "instance_id": instance_id, "state": state,
+                              "event_id": event.get("id"), "errors": errors}
+    if not instance_id or state not in STATE_RANK:
+        errors.append({"fact": "event", "code": "Unrecognised",
+                       "message": f"not an EC2 state change this history records: {json.dumps(detail)[:200]}"})
+        logger.error(json.dumps(record, sort_keys=True, default=str))
+        return record
+    at = received if event_at is None else event_at
+    try:
+        tags, instance_type = _describe(ec2, instance_id)
+        cause = attribute(state, tags, at)
+    except (ClientError, BotoCoreError) as exc:
+        instance_type, cause = None, Cause("unknown")
+        errors.append({"fact": "instance tags", "code": _code(exc), "message": str(exc)[:300]})
+    key = at + STATE_RANK[state] / 10.0
+    record.update({"at": key, "at_iso": event.get("time"), "cause": cause.cause, "by": cause.by,
+                   "reason": cause.reason, "instance_type": instance_type})
+    if config.table_name is None:
+        record["stored"] = False
+        logger.warning(json.dumps(record, sort_keys=True, default=str))
+        return record
+    item: dict[str, Any] = {
+        "instance_id": {"S": instance_id}, "at": {"N": repr(key)}, "event_at": {"N": repr(at)}, "state": {"S": state},
+        "cause": {"S": cause.cause}, "recorded_at": {"N": repr(received)},
+        "expires_at": {"N": str(int(received + config.ttl_days * 86400))},
+    }
+    for name, value in (("by", cause.by), ("reason", cause.reason), ("instance_type", instance_type),
+                        ("event_id", event.get("id"))):
+        if value:
+            item[name] = {"S": str(value)[:1000]}
+    try:
+        ddb.put_item(TableName=config.table_name, Item=item)
+        record["stored"] = True
+    except (ClientError, BotoCoreError) as exc:
+        record["stored"] = False
+        errors.append({"fact": "store state change", "code": _code(exc), "message": str(exc)[:300]})
+    level = logging.ERROR if errors else logging.INFO
+    logger.log(level, json.dumps(record, sort_keys=True, default=str))
+    return record
+
+
+def _code(exc: Exception) -> str:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code") or "unknown")
+    return type(exc).__name__

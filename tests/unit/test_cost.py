@@ -1,0 +1,159 @@
+"""gpuctl cost report's arithmetic: billed stretches, the one-minute minimum, busy/boot/idle and per-job shares."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gpuctl.aws.history import Transition
+from gpuctl.models import JobRecord
+from gpuctl.services.cost import MIN_BILLED_SECONDS, build_report, hourly_price, merge, stretches
+
+IID = "i-0123456789abcdef0"
+DAY = 1796083200.0  # 2026-12-01T00:00:00Z
+CAMERA = "/api/v1/camera-angle/jobs"
+EDIT = "/api/v1/qwen-image-edit/jobs"
+
+
+def t(at: float, state: str, cause: str = "other") -> Transition:
+    return Transition(IID, at, state, cause)
+
+
+def job(task_id: str, created: float, started: float | None, finished: float | None,
+        job_type: str = CAMERA, status: str = "completed") -> JobRecord:
+    return JobRecord(task_id=task_id, status=status, job_type=job_type, created_at=created, updated_at=created,
+                     started_at=started, finished_at=finished)
+
+
+def report(transitions: list[Transition], jobs: list[JobRecord], *, since: float = DAY, until: float = DAY + 86400,
+           by: str | None = None, price: float | None = 3.6) -> Any:
+    return build_report(transitions, jobs, instance_id=IID, instance_type="g5.xlarge", since=since, until=until,
+                        price=price, price_source="test", ebs_gb={"gp3": 100}, by=by)
+
+
+def test_a_short_start_is_billed_one_minute() -> None:
+    """A start that ran 20 s is billed 60 s (EC2's minimum per start)."""
+    # GIVEN / WHEN
+    found = report([t(DAY + 100, "pending"), t(DAY + 110, "running"), t(DAY + 130, "stopping")], [])
+    # THEN
+    assert found.totals()["billed_seconds"] == MIN_BILLED_SECONDS
+    assert found.totals()["starts"] == 1
+    assert found.totals()["idle_seconds"] == MIN_BILLED_SECONDS
+
+
+def test_billing_counts_from_running_not_pending() -> None:
+    """Billed time runs from running to the first stop-type state; pending is not billed."""
+    # GIVEN / WHEN
+    found = stretches([t(DAY, "pending"), t(DAY + 30, "running"), t(DAY + 630, "stopping"),
+                       t(DAY + 660, "stopped")], since=DAY, until=DAY + 3600)
+    # THEN
+    assert [(s.start, s.end) for s in found] == [(DAY + 30, DAY + 630)]
+
+
+def test_a_stretch_from_before_the_window_is_cut_without_minimum() -> None:
+    """Running when the window opened: counted from the window's start, and no second minimum."""
+    # GIVEN the last change before the window: running since 10 min before it
+    found = report([t(DAY - 600, "running"), t(DAY + 30, "stopping")], [])
+    # THEN
+    assert found.totals()["billed_seconds"] == 30
+    assert found.totals()["starts"] == 0
+
+
+def test_still_running_counts_to_now() -> None:
+    """An instance running now is billed up to the report's end."""
+    # GIVEN / WHEN
+    found = report([t(DAY + 600, "running")], [], until=DAY + 4200)
+    # THEN
+    assert found.totals()["billed_seconds"] == 3600
+    assert found.stretches[0].running_now is True
+    assert found.totals()["cost"] == pytest.approx(3.6)
+
+
+def test_busy_boot_idle_and_tail() -> None:
+    """A cold start for a waiting job: boot until its claim, busy while it runs, then the idle tail."""
+    # GIVEN a job submitted at 0 that started the instance (running at 20), claimed at 80, done at 380,
+    # and the instance stopped at 2180 (30 min later)
+    transitions = [t(DAY + 5, "pending", "submit"), t(DAY + 20, "running", "submit"),
+                   t(DAY + 2180, "stopping", "scheduler")]
+    found = report(transitions, [job("a", DAY, DAY + 80, DAY + 380)])
+    # WHEN
+    totals = found.totals()
+    # THEN
+    assert (totals["billed_seconds"], totals["boot_seconds"], totals["busy_seconds"]) == (2160, 60, 300)
+    assert totals["idle_seconds"] == totals["idle_tail_seconds"] == 1800
+    [row] = found.jobs
+    assert row["gpu_seconds"] == 300 and row["boot_share_seconds"] == 60 and row["idle_share_seconds"] == 1800
+    assert row["charged_seconds"] == 2160
+    stretch = found.document()["stretches"][0]
+    assert (stretch["started_by"], stretch["stopped_by"]) == ("submit", "scheduler")
+
+
+def test_overlapping_jobs_are_merged_and_every_second_is_charged_once() -> None:
+    """Two jobs running together count their overlap once; the charged seconds add up to the billed time."""
+    # GIVEN jobs at [100, 400] and [300, 500] in a stretch [0, 1000] started by hand (no boot)
+    found = report([t(DAY, "running", "cli"), t(DAY + 1000, "stopped", "cli")],
+                   [job("a", DAY + 90, DAY + 100, DAY + 400), job("b", DAY + 290, DAY + 300, DAY + 500, EDIT)],
+                   by="job-type")
+    # WHEN
+    totals = found.totals()
+    # THEN
+    assert totals["busy_seconds"] == 400 and totals["boot_seconds"] == 0
+    assert sum(j["charged_seconds"] for j in found.jobs) == pytest.approx(1000)
+    assert totals["unattributed_seconds"] == 0
+    groups = {g["job_type"]: g for g in found.document()["groups"]}
+    assert set(groups) == {"camera-angle", "qwen-image-edit"}
+    assert groups["camera-angle"]["gpu_seconds"] == 300
+
+
+def test_a_job_long_after_a_manual_start_pays_no_boot() -> None:
+    """The gap between a manual start and a job submitted later is idle, not boot."""
+    # GIVEN / WHEN
+    found = report([t(DAY, "running", "cli"), t(DAY + 3600, "stopped")], [job("a", DAY + 1200, DAY + 1200, DAY + 1300)])
+    # THEN
+    assert found.totals()["boot_seconds"] == 0
+    assert found.totals()["idle_seconds"] == 3500
+
+
+def test_stretch_without_jobs_is_unattributed_and_untimed_jobs_are_counted() -> None:
+    """Running time with no job is charged to no job; a job without started_at is counted, with a warning."""
+    # GIVEN / WHEN
+    found = report([t(DAY, "running"), t(DAY + 600, "stopped")], [job("old", DAY, None, DAY + 50)])
+    # THEN
+    assert found.totals()["unattributed_seconds"] == 600
+    assert found.totals()["jobs_untimed"] == 1
+    assert any("started_at" in w for w in found.warnings)
+
+
+def test_by_day_splits_at_midnight_and_charges_the_minimum_on_the_start_day() -> None:
+    """A stretch over midnight is split between the two days."""
+    # GIVEN running from 23:00 to 01:00
+    found = report([t(DAY + 82800, "running"), t(DAY + 90000, "stopped")], [], until=DAY + 2 * 86400, by="day")
+    # WHEN
+    days = {d["day"]: d for d in found.document()["groups"]}
+    # THEN
+    assert days["2026-12-01"]["billed_seconds"] == 3600 and days["2026-12-02"]["billed_seconds"] == 3600
+
+
+def test_ebs_while_stopped_and_price_table() -> None:
+    """EBS is priced per GB-month for the stopped time; the shipped table knows g5.xlarge; unknown types warn."""
+    # GIVEN / WHEN
+    found = report([t(DAY, "stopped")], [], until=DAY + 730 * 3600)
+    # THEN 100 GB gp3 stopped a whole (730 h) month
+    assert found.ebs_stopped()["cost"] == pytest.approx(8.0)
+    assert hourly_price("g5.xlarge", None)[0] == pytest.approx(1.006)
+    assert hourly_price("x9.huge", None)[0] is None
+    assert hourly_price("x9.huge", 2.5) == (2.5, "--hourly-price")
+    assert any("--hourly-price" in w for w in report([], [], price=None).warnings)
+
+
+def test_no_history_warns() -> None:
+    """An empty history says so instead of reporting zero as if it were known."""
+    # GIVEN / WHEN / THEN
+    assert any("No state change" in w for w in report([], []).warnings)
+
+
+def test_merge() -> None:
+    """Overlapping and touching intervals merge; empty ones vanish."""
+    # GIVEN / WHEN / THEN
+    assert merge([(5, 7), (0, 2), (1, 3), (3, 4), (9, 9)]) == [(0, 4), (5, 7)]
