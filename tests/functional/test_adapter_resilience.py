@@ -184,7 +184,9 @@ class StandinProcess:
         import httpx
 
         cmd = [sys.executable, "-m", "gpuctl.local.comfyui_standin", "--port", str(self.port), "--seconds-per-job",
-               "0.3", "--input-dir", str(self.input_dir), "--output-dir", str(self.output_dir)]
+               "0.3", "--input-dir", str(self.input_dir), "--output-dir", str(self.output_dir),
+               # its own temp folder too, as local mode gives it: this stand-in is SIGKILLed on purpose
+               "--temp-dir", str(self.root / "temp")]
         self.root.mkdir(parents=True, exist_ok=True)
         log = (self.root / "standin.log").open("ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)

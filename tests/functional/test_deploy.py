@@ -86,6 +86,7 @@ def test_deploy_update_noop_destroy(fresh: tuple[str, str], clean_env: Path,
         "stack_name": STACK, "queue_url": outputs["QueueUrl"], "dlq_url": outputs["DeadLetterQueueUrl"],
         "table_name": outputs["TableName"], "bucket": outputs["BucketName"], "instance_id": instance_id,
         "region": REGION, "endpoint_url": endpoint, "scheduler_log_group": outputs["LogGroupName"],
+        "history_table": outputs["HistoryTableName"],
     }
     assert "cdn_domain" not in profile
 

@@ -56,7 +56,9 @@ def test_deploy_beside_the_running_system_then_run_a_job(server_aws: Resources, 
     out = created["outputs"]
     assert (out["QueueUrl"], out["DeadLetterQueueUrl"]) == (server_aws.queue_url, server_aws.dlq_url)
     assert (out["TableName"], out["BucketName"]) == (server_aws.table_name, server_aws.bucket)
-    assert _client(server_aws, "dynamodb").list_tables()["TableNames"] == [server_aws.table_name]
+    # (the stack's own instance-history table is the one table it creates: a cost record, not the team's data)
+    assert sorted(_client(server_aws, "dynamodb").list_tables()["TableNames"]) == sorted(
+        [server_aws.table_name, out["HistoryTableName"]])
     assert created["plan"]["parameters"]["ExistingDeadLetterQueueUrl"] == server_aws.dlq_url
 
     # WHEN a job is submitted with the profile deploy wrote, and the adapter runs on the GPU box
@@ -185,7 +187,8 @@ def test_declining_the_data_question_deletes_nothing(own_stack: Any) -> None:
     result = destroy(clients, settings, delete_data=True, confirm_data=lambda plan: False, poll_delay=0.2)
     assert not result.deleted
     assert clients.cloudformation.describe_stacks(StackName="gpuctl")["Stacks"][0]["StackStatus"] == "CREATE_COMPLETE"
-    assert clients.dynamodb.list_tables()["TableNames"] == [outputs["TableName"]]
+    assert sorted(clients.dynamodb.list_tables()["TableNames"]) == sorted(
+        [outputs["TableName"], outputs["HistoryTableName"]])
 
 
 def test_destroy_says_what_it_kept(own_stack: Any, clean_env: Path) -> None:

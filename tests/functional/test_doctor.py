@@ -17,9 +17,9 @@ import jsonschema
 import pytest
 
 from gpuctl import schemas
+from gpuctl.local.stack_gaps import fill_gaps
 from gpuctl.services.context import Gateways
 from gpuctl.services.doctor import run_checks
-from gpuctl.services.local import fill_gaps
 from gpuctl.settings import Settings
 from tests.helpers import REGION, deploy_fresh_stack, run_cli
 

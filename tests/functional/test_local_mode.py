@@ -101,8 +101,9 @@ def test_pending_runbook_on_the_stopped_box(state_dir: Path, clean_env: Path, tm
     # GIVEN local mode up, with the scheduler's next run far off (so that it does not start the instance itself)
     result = local.local_up(options=LocalOptions(seconds_per_job=0.5, boot_delay=1.0, scheduler_interval=600))
     assert result.action == "started"
-    assert sorted(result.filled) == ["alarm gpuctl-gpu-queue-idle", "alarm gpuctl-gpu-scheduler-errors",
-                                     "ttl task_store.expires_at"]
+    history = local.local_settings().history_table
+    assert sorted(result.filled) == sorted(["alarm gpuctl-gpu-queue-idle", "alarm gpuctl-gpu-scheduler-errors",
+                                            "ttl task_store.expires_at", f"ttl {history}.expires_at"])
     endpoint = result.status.endpoint_url
     assert endpoint is not None and endpoint.startswith("http://127.0.0.1:")
     profile = (clean_env / "local.toml").read_text()
