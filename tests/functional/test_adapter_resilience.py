@@ -355,7 +355,9 @@ def test_unified_takeover_polls_the_existing_job_instead_of_posting_again(standi
     first.signal(signal.SIGKILL)
     first.wait(10)
     # WHEN another adapter takes it over
-    second = adapter_factory(standin, GPUCTL_BACKEND="unified", **FAST_TAKEOVER).start()
+    # (it takes a stale job over after 2 s, but extends its own message as a real adapter does: with a 2 s
+    # extension too, a loaded machine that delays its heartbeat lets it receive its own job again)
+    second = adapter_factory(standin, GPUCTL_BACKEND="unified", GPUCTL_HEARTBEAT_STALE_AFTER="2").start()
     record = wait_for(gw, task_id, timeout=40)
     # THEN it completes from the same service job
     assert record.status is JobStatus.COMPLETED, record.error_message
