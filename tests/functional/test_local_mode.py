@@ -249,9 +249,15 @@ def test_scheduler_start_idle_stop_stopped_adapter_and_a_forced_stop(state_dir: 
     # THEN the adapter got SIGTERM with work in hand and finished it before it exited, the box went off, and
     # both jobs completed (one the drain did not reach, if any, after the scheduler started the box again)
     _wait(lambda: [_job_status(j, gw) for j in jobs] == ["completed", "completed"], timeout=60)
-    log = (state_dir / "logs" / "adapter.log").read_text()
-    signalled = log.rindex('"adapter.signal"')
-    assert '"adapter.job_completed"' in log[signalled:log.index('"adapter.stopped"', signalled)]
+    # (the records turn completed before the drained adapter logs that it stopped: wait for that line)
+    def drained_log() -> str:
+        log = (state_dir / "logs" / "adapter.log").read_text()
+        signalled = log.rindex('"adapter.signal"')
+        stopped = log.find('"adapter.stopped"', signalled)
+        return log[signalled:stopped] if stopped != -1 else ""
+
+    _wait(lambda: drained_log() != "", timeout=30)
+    assert '"adapter.job_completed"' in drained_log()
     def box_went_off() -> bool:
         box_log = (state_dir / "logs" / "box.log").read_text()
         return '"box.off"' in box_log[box_log.rindex('"box.stopping"'):]
