@@ -45,6 +45,12 @@ IMAGE = "https://93.184.216.34/images/input.jpg"
 _SCOPE = re.compile(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/aws4_request")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,6 +110,10 @@ def run_moto(port: int) -> None:
     make_server("127.0.0.1", port, app, threaded=True).serve_forever()
 
 
+MOTO_PID: list[int] = []
+SERVE_PID: list[int] = []
+
+
 @contextmanager
 def moto_server() -> Iterator[str]:
 
@@ -112,6 +122,7 @@ def moto_server() -> Iterator[str]:
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     _wait_for(url + "/_bench/take", proc)
+    MOTO_PID[:] = [proc.pid]
     try:
         yield url
     finally:
@@ -149,6 +160,7 @@ def serve_process(res: Resources, folder: Path) -> Iterator[str]:
                             stderr=log)
     url = f"http://127.0.0.1:{port}"
     _wait_for(f"{url}/", proc)
+    SERVE_PID[:] = [proc.pid]
     try:
         yield url
     finally:
@@ -221,7 +233,7 @@ def main() -> None:
     levels = [(1, 40), (10, 150), (50, 300)] if args.quick else [(1, 100), (10, 400), (50, 800)]
     import boto3
 
-    rows: list[tuple[str, str, str, str, str, str]] = []
+    rows: list[tuple[str, ...]] = []
     with tempfile.TemporaryDirectory() as tmp, moto_server() as endpoint:
         session = boto3.session.Session(aws_access_key_id="bench", aws_secret_access_key="bench", region_name=REGION)
         res = create_resources(session, endpoint)
@@ -238,7 +250,7 @@ def main() -> None:
             first = httpx.post(f"{url}/api/v1/camera-angle/jobs", json={"image_url": IMAGE}, timeout=60)
             took = time.perf_counter() - started
             rows.append(("stopped: the submit that starts it", "1", f"{first.status_code}",
-                         f"{took * 1000:.0f} ms", "", _describe(take(endpoint), 1)))
+                         f"{took * 1000:.0f} ms", "", "", _describe(take(endpoint), 1)))
             # The floor: the same three writes a submit makes, called straight from one thread of this process.
             from gpuctl.models import JobType, parse_request
             from gpuctl.services.submit import submit_request
@@ -253,7 +265,7 @@ def main() -> None:
                 direct.append(time.perf_counter() - started)
             rows.append(("adapter polling: `submit_request` called in-process, no HTTP", "1", f"{len(direct)}",
                          f"{_pct(direct, 0.5) * 1000:.0f} / {_pct(direct, 0.99) * 1000:.0f} ms",
-                         f"{len(direct) / sum(direct):.0f}", _describe(take(endpoint), len(direct))))
+                         f"{len(direct) / sum(direct):.0f}", "", _describe(take(endpoint), len(direct))))
             for state in ("adapter polling", "running, no adapter report"):
                 for clients, requests in levels:
                     if state == "adapter polling":
@@ -261,17 +273,22 @@ def main() -> None:
                     else:
                         gw.table.note_stop()
                     take(endpoint)
+                    cpu = [cpu_seconds(SERVE_PID[0]), cpu_seconds(MOTO_PID[0])]
                     latencies, statuses, wall = load(url, clients, requests)
+                    used = [cpu_seconds(SERVE_PID[0]) - cpu[0], cpu_seconds(MOTO_PID[0]) - cpu[1]]
                     accepted = statuses.get(202, 0)
                     errors = sum(v for k, v in statuses.items() if k != 202)
                     rows.append((state, str(clients), f"{accepted}/{requests} (errors {errors})",
                                  f"{_pct(latencies, 0.5) * 1000:.0f} / {_pct(latencies, 0.99) * 1000:.0f} ms",
-                                 f"{accepted / wall:.0f}", _describe(take(endpoint), accepted)))
+                                 f"{accepted / wall:.0f}",
+                                 " / ".join(f"{u * 1000 / max(1, accepted):.1f}" for u in used),
+                                 _describe(take(endpoint), accepted)))
     load_avg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\nRun on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, load average "
           f"before/after the run ≈ {load_avg} (1/5/15 min)\n")
-    print("| instance | clients | accepted | p50 / p99 latency | jobs/s | AWS requests per accepted job |")
-    print("|---|---|---|---|---|---|")
+    print("| instance | clients | accepted | p50 / p99 latency | jobs/s | CPU ms per job: serve / moto "
+          "| AWS requests per accepted job |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
 

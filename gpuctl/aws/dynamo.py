@@ -28,7 +28,8 @@ class Activity:
 
     Who writes what (each with a write it makes anyway, or one small UpdateItem):
 
-    * ``last_submit_at``: every submit (CLI, HTTP API) after its message is queued. Work arriving is activity.
+    * ``last_submit_at``: every submit (CLI, HTTP API) after its message is queued (``gpuctl serve``: one write
+      for the messages queued since its last one, :mod:`gpuctl.services.notes`). Work arriving is activity.
     * ``last_finished_at``: the adapter, when it finishes a job (coalesced with its liveness write).
     * ``adapter_seen_at`` / ``adapter_state`` (``running`` | ``draining`` | ``stopped``) / ``adapter_worker`` /
       ``jobs_in_hand``: the adapter, while it polls (at most every few seconds) and when it stops.

@@ -21,6 +21,7 @@ from gpuctl.models import JobType
 from gpuctl.serve import openapi
 from gpuctl.serve.errors import JOB_NOT_FOUND, RequestInvalid, http_error
 from gpuctl.serve.guard import ApiKeys, Guard
+from gpuctl.services.notes import SubmitNotes
 
 if TYPE_CHECKING:
     from gpuctl.services.context import Gateways
@@ -73,7 +74,7 @@ def _body(job_type: JobType, raw: bytes) -> dict[str, Any]:
 
 
 def submit_body(gw: Gateways, limits: ImageLimits, job_type: JobType, raw: bytes,
-                idempotency_key: str | None) -> SubmitResult:
+                idempotency_key: str | None, notes: SubmitNotes | None = None) -> SubmitResult:
     """Check a POST body as ``gpuctl submit`` checks its options (remote inputs included), then submit it.
 
     Raises:
@@ -91,7 +92,7 @@ def submit_body(gw: Gateways, limits: ImageLimits, job_type: JobType, raw: bytes
     if draft.local_images:  # the request models take only s3:// and https://; an API never reads local files
         raise UsageError("Image references must be s3:// URIs or https:// URLs.")
     # The HTTP client waits for this answer: never wait for a stopping instance (the scheduler restarts it).
-    return submit_draft(gw, draft, idempotency_key=idempotency_key, stopping_wait=0)
+    return submit_draft(gw, draft, idempotency_key=idempotency_key, stopping_wait=0, notes=notes)
 
 
 def _check_key(key: str | None) -> str | None:
@@ -147,10 +148,12 @@ def _responses(*extra: dict[int | str, Any], auth: bool = True) -> dict[int | st
 def create_app(gw: Gateways, config: ServeConfig | None = None) -> FastAPI:
     """The app serving ``gw``'s job system; build the gateways' clients before serving from threads."""
     from gpuctl.services.instance import instance_status
-    from gpuctl.services.jobs import MAX_LIMIT, cancel_job, get_job, list_jobs
+    from gpuctl.services.jobs import HTTP_LISTING, MAX_LIMIT, cancel_job, get_job, list_jobs
 
     config = config or ServeConfig()
     limits = ImageLimits.from_settings(gw.settings)
+    # One coalesced activity-marker note for the server's stream of submits (closed by `serve` at shutdown).
+    notes = SubmitNotes(gw)
     app = FastAPI(
         title="gpuctl — GPU Task Orchestrator API", version=API_VERSION,
         description="The GPU job system's REST API, served by `gpuctl serve` (the same checks and documents as the "
@@ -171,7 +174,8 @@ def create_app(gw: Gateways, config: ServeConfig | None = None) -> FastAPI:
                             "--idempotency-key`); nothing new is queued."),
         ) -> JSONResponse:
             raw = await request.body()
-            result = await run_in_threadpool(submit_body, gw, limits, job_type, raw, _check_key(idempotency_key))
+            result = await run_in_threadpool(submit_body, gw, limits, job_type, raw, _check_key(idempotency_key),
+                                             notes)
             return JSONResponse(result.document(), status_code=202)
 
         app.post(
@@ -204,7 +208,7 @@ def create_app(gw: Gateways, config: ServeConfig | None = None) -> FastAPI:
         limit: int = Query(50, ge=1, le=MAX_LIMIT, description="jobs per page"),
         next_token: str | None = Query(None, description="the next_token of the page before"),
     ) -> JSONResponse:
-        page = list_jobs(gw, status=status, since=since, limit=limit, next_token=next_token)
+        page = list_jobs(gw, status=status, since=since, limit=limit, next_token=next_token, names=HTTP_LISTING)
         return JSONResponse({"jobs": [r.status_document() for r in page.records], "next_token": page.next_token})
 
     @app.post("/api/v1/jobs/{job_id}/cancel", operation_id="cancel_job", summary="Cancel a job", tags=["jobs"],
@@ -268,6 +272,7 @@ def create_app(gw: Gateways, config: ServeConfig | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=True,
                            allow_methods=["*"], allow_headers=["*"], expose_headers=["X-Request-ID"])
     app.add_middleware(Guard, max_body_bytes=config.max_body_bytes)
+    app.state.submit_notes = notes
     return app
 
 

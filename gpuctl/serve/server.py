@@ -68,6 +68,8 @@ def serve(gw: Gateways, config: ServeConfig, *, host: str, port: int, log_level:
         server.run()
     except SystemExit:  # uvicorn exits (3) when it cannot bind; the error boundary gives the sentence and exit 2
         server.started = False
+    finally:
+        app.state.submit_notes.close()  # the activity-marker note due for the last submits
     if not server.started:
         raise UsageError(f"Could not listen on {host}:{port} (is the port taken?).")
     log.info("serve.stopped")

@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CANCEL_MESSAGE",
+    "HTTP_LISTING",
     "MAX_LIMIT",
     "CancelOutcome",
     "DownloadTarget",
     "JobPage",
+    "ListingNames",
     "ResultFile",
     "cancel_job",
     "download_result",
@@ -164,14 +166,29 @@ class _Stream:
         return list(self.shown_after) if self.shown_after else None
 
 
+@dataclass(frozen=True)
+class ListingNames:
+    """How the caller spells the listing's inputs, for error messages (the CLI's options by default)."""
+
+    status: str = "--status"
+    since: str = "--since"
+    limit: str = "--limit"
+    next_token: str = "--next-token"
+    origin: str = "`gpuctl jobs list`"
+
+
+#: The HTTP API's query parameters (``GET /api/v1/jobs``).
+HTTP_LISTING = ListingNames("status", "since", "limit", "next_token", "GET /api/v1/jobs")
+
+
 def _encode_token(status: JobStatus | None, since: float | None, positions: dict[str, Any]) -> str:
     raw = json.dumps({"v": 1, "status": status.value if status else None, "since": since, "pos": positions},
                      separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _decode_token(token: str) -> dict[str, Any]:
-    bad = UsageError("--next-token is not a token that `gpuctl jobs list` printed.")
+def _decode_token(token: str, names: ListingNames) -> dict[str, Any]:
+    bad = UsageError(f"{names.next_token} is not a token that {names.origin} returned.")
     try:
         data = json.loads(base64.urlsafe_b64decode(token.strip() + "=" * (-len(token.strip()) % 4)))
     except (ValueError, TypeError):
@@ -187,7 +204,7 @@ def _decode_token(token: str) -> dict[str, Any]:
 
 def list_jobs(
     gw: Gateways, *, status: str | None = None, since: str | None = None, limit: int = 50,
-    next_token: str | None = None,
+    next_token: str | None = None, names: ListingNames = ListingNames(),
 ) -> JobPage:
     """Jobs newest first from the status GSI (never a scan), one page at a time.
 
@@ -197,19 +214,20 @@ def list_jobs(
     spread over the statuses), whatever the table holds. ``next_token`` continues where an earlier page ended.
 
     Raises:
-        UsageError: a bad status, age, limit or token.
+        UsageError: a bad status, age, limit or token (named as ``names`` spells them).
     """
     if limit < 1:
-        raise UsageError(f"--limit must be at least 1 (got {limit}).")
+        raise UsageError(f"{names.limit} must be at least 1 (got {limit}).")
     if limit > MAX_LIMIT:
-        raise UsageError(f"--limit may be at most {MAX_LIMIT} (got {limit}); use --next-token for more.")
+        raise UsageError(f"{names.limit} may be at most {MAX_LIMIT} (got {limit}); use {names.next_token} for more.")
     wanted = parse_status(status)
-    lower = parse_since(since)
+    lower = None if since is None else time.time() - parse_duration(since, option=names.since)
     positions: dict[str, Any] = {}
     if next_token:
-        state = _decode_token(next_token)
+        state = _decode_token(next_token, names)
         if status is not None and state.get("status") != (wanted.value if wanted else None):
-            raise UsageError("--next-token continues a listing with another --status; give the same --status.")
+            raise UsageError(f"{names.next_token} continues a listing with another {names.status}; "
+                             f"give the same {names.status}.")
         wanted = parse_status(state.get("status"))
         lower = state.get("since")
         positions = state["pos"]

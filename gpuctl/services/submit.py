@@ -51,6 +51,7 @@ from gpuctl.services.instance import STOPPING_WAIT_SECONDS, StartOutcome, ensure
 
 if TYPE_CHECKING:
     from gpuctl.services.context import Gateways
+    from gpuctl.services.notes import SubmitNotes
 
 __all__ = [
     "CHUNK_ROWS",
@@ -333,8 +334,12 @@ def submit_request(
     require_instance: bool = False,
     guard: WriteGuard = NO_GUARD,
     stopping_wait: float = STOPPING_WAIT_SECONDS,
+    notes: SubmitNotes | None = None,
 ) -> SubmitResult:
     """Record a validated request as ``pending``, queue it, note the activity and make sure the instance runs.
+
+    ``notes``: a long-lived caller's coalesced marker notes. While they say an adapter polls, the submit ends
+    once its message is queued (two AWS requests) and the note is left to them (see :mod:`gpuctl.services.notes`).
 
     Raises:
         ConfigError: a setting the submit needs is missing (nothing was written).
@@ -364,22 +369,29 @@ def submit_request(
             raise
     if guard.pending:
         return SubmitResult(record, None, interrupted=True)
+    polling = notes.polling(time.time()) if notes is not None else None
+    if notes is not None and polling is not None:
+        notes.queued()
+        log.info("submit.adapter_polling", extra={"worker": polling.adapter_worker, "noted": "coalesced"})
+        return SubmitResult(record, StartOutcome("already-running", "running") if start_instance else None,
+                            adapter_polling=True)
     try:
         return _after_queued(gw, record, 1, start_instance=start_instance, require_instance=require_instance,
-                             stopping_wait=stopping_wait)
+                             stopping_wait=stopping_wait, notes=notes)
     except KeyboardInterrupt:
         return SubmitResult(record, None, interrupted=True)
 
 
 def _after_queued(gw: Gateways, record: JobRecord, jobs: int, *, start_instance: bool,
-                  require_instance: bool, stopping_wait: float = STOPPING_WAIT_SECONDS) -> SubmitResult:
-    outcome, polling = _make_sure_it_runs(gw, start_instance, stopping_wait)
+                  require_instance: bool, stopping_wait: float = STOPPING_WAIT_SECONDS,
+                  notes: SubmitNotes | None = None) -> SubmitResult:
+    outcome, polling = _make_sure_it_runs(gw, start_instance, stopping_wait, notes)
     return SubmitResult(record, outcome, adapter_polling=polling,
                         instance_error=_instance_error(outcome, [record.task_id], jobs) if require_instance else None)
 
 
-def _make_sure_it_runs(gw: Gateways, start_instance: bool,
-                       stopping_wait: float = STOPPING_WAIT_SECONDS) -> tuple[StartOutcome | None, bool]:
+def _make_sure_it_runs(gw: Gateways, start_instance: bool, stopping_wait: float = STOPPING_WAIT_SECONDS,
+                       notes: SubmitNotes | None = None) -> tuple[StartOutcome | None, bool]:
     """Record the arrival on the activity marker; start the instance unless an adapter is known to be polling."""
     try:
         activity = gw.table.note_submit()
@@ -387,6 +399,8 @@ def _make_sure_it_runs(gw: Gateways, start_instance: bool,
         # The job is queued; the marker is an optimisation and a hint for the scheduler, never a reason to fail.
         log.warning("submit.activity_not_noted", extra={"error": str(exc)})
         activity = None
+    if notes is not None:
+        notes.observe(activity)
     if activity is not None and activity.adapter_fresh(time.time()):
         log.info("submit.adapter_polling", extra={"worker": activity.adapter_worker})
         return (StartOutcome("already-running", "running") if start_instance else None), True
@@ -417,6 +431,7 @@ def submit_draft(
     on_progress: Progress | None = None,
     guard: WriteGuard = NO_GUARD,
     stopping_wait: float = STOPPING_WAIT_SECONDS,
+    notes: SubmitNotes | None = None,
 ) -> SubmitResult:
     """Check the draft's remote inputs, upload its local images, then :func:`submit_request`.
 
@@ -448,7 +463,7 @@ def submit_draft(
         request = parse_request(draft.job_type, {**draft.fields, **urls})
         result = submit_request(gw, request, task_id=task_id, idempotency_key=idempotency_key,
                                 start_instance=start_instance, require_instance=require_instance, guard=guard,
-                                stopping_wait=stopping_wait)
+                                stopping_wait=stopping_wait, notes=notes)
     except JobAlreadyExists:
         # Two submits with one key raced; the other one recorded and queued the job.
         uploads.discard()

@@ -107,6 +107,24 @@ def test_sigterm_lets_a_submit_in_flight_finish_then_exits_0(serve, server_aws):
     assert any(e.get("event") == "serve.stopped" for e in api.log_lines())
 
 
+def test_sigterm_writes_the_activity_note_still_due(serve, gw):
+    """While an adapter polls, the server notes its stream of submits on the activity marker in coalesced writes;
+    SIGTERM right after a burst still writes the note that covers its last jobs before the server exits."""
+    # GIVEN a server and an adapter polling
+    api = serve()
+    gw.table.note_adapter("gpu-1:7", state="running", jobs_in_hand=0)
+    # WHEN a burst of jobs is accepted and the server is stopped at once
+    ids = [submit(api).json()["job_id"] for _ in range(6)]
+    assert api.proc is not None
+    api.proc.send_signal(signal.SIGTERM)
+    # THEN it exits 0 and the marker's last submit is no older than the newest job
+    assert api.proc.wait(30) == 0
+    newest = max(gw.table.get(job_id).created_at for job_id in ids)
+    noted = gw.table.read_activity().last_submit_at
+    assert noted is not None and noted >= newest
+    assert not any(e.get("event") == "submit.activity_not_noted" for e in api.log_lines())
+
+
 @pytest.mark.parametrize(("args", "env", "words"), [
     pytest.param([], {"GPUCTL_TABLE_NAME": ""}, "DynamoDB table name", id="no-table"),
     pytest.param([], {"GPUCTL_API_KEYS": "short"}, "at least 16", id="short-key"),

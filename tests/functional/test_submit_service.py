@@ -150,6 +150,116 @@ def test_a_stale_or_fenced_adapter_falls_back_to_ec2(gateways) -> None:
     assert not fenced.adapter_polling and fenced.instance is not None
 
 
+def _count_calls(gateways) -> dict[str, int]:
+    """Count every AWS operation the gateways' clients make from now on (observed, not replaced)."""
+    calls: dict[str, int] = {}
+
+    def count(model, **_):
+        calls[model.name] = calls.get(model.name, 0) + 1
+
+    for name in ("dynamodb", "sqs", "s3", "ec2"):
+        getattr(gateways.clients, name).meta.events.register("before-call.*.*", count)
+    return calls
+
+
+def _polling_adapter(gateways, notes) -> None:
+    """An adapter that reported itself polling a second ago, and a first submit that saw it (its own note)."""
+    import time
+
+    gateways.table.note_adapter("gpu-1:42", state="running", jobs_in_hand=0, now=time.time() - 1)
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, S3_IN, {"prompt": "x"}, limits=LIMITS)
+    first = submit_draft(gateways, draft, notes=notes)
+    assert first.adapter_polling and notes.polling(time.time()) is not None
+
+
+def test_a_long_lived_submitter_makes_two_requests_a_job_while_an_adapter_polls(gateways) -> None:
+    """With coalesced notes, a submit while an adapter polls writes its record and its message only; one marker
+    write goes out at once and then at most one an interval (60 s here), covering the jobs queued since the one
+    before; closing the notes makes the write still due."""
+    from gpuctl.services.notes import SubmitNotes
+
+    notes = SubmitNotes(gateways, interval=60.0)
+    _polling_adapter(gateways, notes)
+    before = gateways.table.read_activity().last_submit_at
+    # WHEN ten more jobs are submitted
+    calls = _count_calls(gateways)
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, S3_IN, {"prompt": "x"}, limits=LIMITS)
+    results = [submit_draft(gateways, draft, require_instance=True, notes=notes) for _ in range(10)]
+    notes.close()
+    # THEN each is recorded pending and queued with two requests (plus the s3:// input's HeadObject, which an
+    # https:// input does not make), two marker writes cover them all (the first at once, the second at close),
+    # and EC2 is never asked
+    assert calls == {"HeadObject": 10, "PutItem": 10, "SendMessage": 10, "UpdateItem": 2}, calls
+    assert all(r.adapter_polling and r.instance is not None and r.instance.action == "already-running"
+               and r.instance_error is None for r in results)
+    assert all(gateways.table.get(r.record.task_id).status == JobStatus.PENDING for r in results)
+    assert len(_messages(gateways)) == 10  # (at most ten a receive: the eleventh, the first job's, is there too)
+    # … and the marker's last_submit_at moved (the scheduler's stop fence depends on it)
+    after = gateways.table.read_activity().last_submit_at
+    assert before is not None and after is not None and after > before
+
+
+def test_every_message_is_followed_by_a_marker_write_that_began_after_it(gateways) -> None:
+    """Submits from eight threads at once: every SendMessage that returned is followed by a marker UpdateItem
+    that began after it (the rule the scheduler's fenced stop relies on), with far fewer writes than jobs."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpuctl.services.notes import SubmitNotes
+
+    notes = SubmitNotes(gateways, interval=0.05)
+    _polling_adapter(gateways, notes)
+    sent: list[float] = []
+    marker_writes: list[float] = []
+    lock = threading.Lock()
+
+    def after_send(**_):
+        with lock:
+            sent.append(time.monotonic())
+
+    def before_update(params, **_):
+        if params["Key"]["task_id"]["S"] == "gpuctl#activity":
+            with lock:
+                marker_writes.append(time.monotonic())
+
+    gateways.clients.sqs.meta.events.register("after-call.sqs.SendMessage", after_send)
+    gateways.clients.dynamodb.meta.events.register("before-parameter-build.dynamodb.UpdateItem", before_update)
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, S3_IN, {"prompt": "x"}, limits=LIMITS)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: submit_draft(gateways, draft, notes=notes), range(80)))
+    notes.close()
+    assert all(r.adapter_polling for r in results) and len(sent) == 80
+    uncovered = [t for t in sent if not any(w > t for w in marker_writes)]
+    assert uncovered == []
+    assert 1 <= len(marker_writes) < 80
+
+
+def test_a_coalesced_note_that_sees_a_stop_fenced_starts_the_instance(gateways) -> None:
+    """A stop fenced behind the server's back: the job is accepted on the old hint, the marker write that covers
+    it sees the fence and starts the instance (as a one-shot submit would), and the next submit goes the full
+    way again."""
+    import time
+
+    from gpuctl.services.notes import SubmitNotes
+
+    notes = SubmitNotes(gateways, interval=0.05)
+    _polling_adapter(gateways, notes)
+    gateways.clients.ec2.stop_instances(InstanceIds=[gateways.settings.instance_id])
+    gateways.table.note_stop(now=time.time())
+    calls = _count_calls(gateways)
+    draft = draft_job(JobType.QWEN_IMAGE_EDIT, S3_IN, {"prompt": "x"}, limits=LIMITS)
+    accepted = submit_draft(gateways, draft, notes=notes)
+    notes.close()
+    assert accepted.adapter_polling  # (on the hint: the fence was not seen yet)
+    assert calls.get("StartInstances") == 1 and notes.polling(time.time()) is None
+    state = gateways.clients.ec2.describe_instances(InstanceIds=[gateways.settings.instance_id])
+    assert state["Reservations"][0]["Instances"][0]["State"]["Name"] in ("pending", "running")
+    calls.clear()
+    nxt = submit_draft(gateways, draft, notes=SubmitNotes(gateways))
+    assert not nxt.adapter_polling and calls.get("UpdateItem") == 1
+
+
 def test_a_failing_activity_marker_never_fails_the_submit(gateways) -> None:
     """If the marker UpdateItem is throttled (moto cannot throttle; Stubber can), the job stays queued and the
     instance is started through EC2 as before."""
