@@ -298,6 +298,7 @@ class MessageHandler:
             try:
                 job = BackendJob(task_id, message, request, claim.token, claim.record.comfy_job_id)
                 result = self._d.backend.run(job, active.control)
+                executed_at = now()
                 if result.image is not None:
                     bucket = self._s.require("bucket")
                     key = result_key(self._s.results_prefix, message.job_type.value, task_id, claim.token)
@@ -311,7 +312,7 @@ class MessageHandler:
             return self._interrupted(msg, claim, active, exc, finished_at)
         except Exception as exc:
             return self._failed(msg, claim, exc, finished_at)
-        return self._publish(msg, claim, url, key, result, finished_at)
+        return self._publish(msg, claim, url, key, result, finished_at, executed_at)
 
     def _note_backend_job(self, claim: Claim, job_id: str) -> None:
         try:
@@ -322,11 +323,14 @@ class MessageHandler:
             raise JobInterrupted(StopReason.LOST, job_id) from None
 
     def _publish(self, msg: ReceivedMessage, claim: Claim, url: str, key: str | None, result: BackendResult,
-                 finished_at: list[float]) -> str:
-        """``processing → completed`` under this attempt's token publishes ``url``; a loser deletes its object."""
+                 finished_at: list[float], executed_at: float) -> str:
+        """``processing → completed`` under this attempt's token publishes ``url``; a loser deletes its object.
+
+        ``executed_at`` (the backend returned) to ``finished_at`` is the publish stage `gpuctl doctor --canary` shows.
+        """
         finished_at.append(now())
         fields = {"result_s3_uri": url, "comfy_job_id": result.backend_job_id, "finished_at": finished_at[0],
-                  "progress": 1.0}
+                  "executed_at": executed_at, "progress": 1.0}
         try:
             outcome = self._finish(msg, claim, JobStatus.COMPLETED, fields, outcome="completed")
         except GpuctlError:

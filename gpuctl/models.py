@@ -373,6 +373,10 @@ class JobRecord(BaseModel):
     finished_at: float | None = None
     #: When the adapter's (last) attempt claimed the job: its GPU time runs from here to finished_at.
     started_at: float | None = None
+    #: When the backend returned this attempt's result: publishing (upload, completed) runs from here to finished_at.
+    executed_at: float | None = None
+    #: A job `gpuctl doctor --canary` submitted to test the pipeline (not the team's work).
+    canary: bool = False
     queued: bool | None = None
 
     @model_validator(mode="before")
@@ -428,6 +432,7 @@ class JobRecord(BaseModel):
             "attempts": self.attempts,
             "worker": self.worker,
             "retry_of": self.retry_of,
+            "canary": self.canary,
         }
 
     # --- DynamoDB codec (boto3's TypeSerializer/TypeDeserializer shapes) ---------------------------
@@ -435,8 +440,9 @@ class JobRecord(BaseModel):
     def to_item(self) -> dict[str, Any]:
         """Plain python values for boto3's TypeSerializer: numbers as Decimal, None left out."""
         data = self.model_dump(mode="json", exclude_none=True)
-        if not data.get("cancel_requested"):
-            data.pop("cancel_requested", None)
+        for flag in ("cancel_requested", "canary"):
+            if not data.get(flag):
+                data.pop(flag, None)
         return {k: to_dynamo_value(v) for k, v in data.items()}
 
     @classmethod

@@ -27,7 +27,8 @@ BAR_WIDTH = 40
 def report(
     ctx: typer.Context,
     since: SinceOpt = "30d",
-    by: Annotated[str | None, typer.Option("--by", help="Group by day or job-type.")] = None,
+    by: Annotated[str | None, typer.Option(
+        "--by", help="Group by day or job-type (doctor's canaries are their own group).")] = None,
     hourly_price: PriceOpt = None,
     output: OutputOpt = None,
     quiet: Annotated[bool, quiet_opt("the total cost (the billed GPU-hours when no price is known)")] = False,
@@ -89,7 +90,8 @@ def _render(out: Renderer, found: CostReport, totals: dict[str, Any]) -> None:
         ("busy", part("busy_seconds")),
         ("boot", part("boot_seconds")),
         ("idle", f"{part('idle_seconds')}, of which idle tail {_hours(totals['idle_tail_seconds'])}"),
-        ("jobs", f"{totals['jobs']} timed, {totals['jobs_untimed']} without started_at"),
+        ("jobs", f"{totals['jobs']} timed ({sum(1 for j in found.jobs if j['canary'])} of them doctor's canaries), "
+                 f"{totals['jobs_untimed']} without started_at"),
         ("GPU cost", _money(totals["cost"])),
         ("EBS while stopped", f"{_money(ebs['cost'])} ({sum(ebs['volumes_gb'].values())} GB, "
                               f"{_hours(ebs['stopped_seconds'])})"),

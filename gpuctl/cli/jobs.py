@@ -355,7 +355,8 @@ def list_(
         out.note("No jobs match.")
     else:
         out.table(["Job", "Type", "Status", "Created", "Updated", "Result / error"],
-                  ([r.task_id, r.kind, job_state(r), when(r.created_at), when(r.updated_at),
+                  ([r.task_id, f"{r.kind} (canary)" if r.canary else r.kind, job_state(r), when(r.created_at),
+                    when(r.updated_at),
                     r.result_s3_uri or r.error_message] for r in records))
         out.note(f"{len(records)} job{'s' if len(records) != 1 else ''}.")
     if page.next_token:
@@ -460,5 +461,6 @@ def _record_pairs(record: JobRecord) -> list[tuple[str, Any]]:
         ("attempts", record.attempts or None),
         ("worker", record.worker),
         ("retry of", record.retry_of),
+        ("canary", "yes (gpuctl doctor --canary)" if record.canary else None),
     ]
     return pairs + [(k, v) for k, v in optional if v is not None]

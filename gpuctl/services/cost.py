@@ -15,6 +15,11 @@ Definitions (all per UTC second, from the instance history table and the jobs' r
   already waiting (created at most 60 s after the start): the time the GPU was paid for while it booted.
 * **idle**: billed minus busy minus boot; **idle tail**: its part after the last job of each stretch.
 
+A job that ran more than once (``attempts`` > 1: retried after a transient error, or taken over from an
+adapter that stopped) counts only its last attempt: the record keeps that attempt's ``started_at`` alone, so
+the earlier attempts' GPU time is idle here (the report warns). `gpuctl doctor --canary`'s jobs are charged as
+any job and marked ``canary`` (``--by job-type`` groups them as ``canary``).
+
 Per job: its own GPU seconds, and the seconds charged to it: its share of the stretch's busy time
 (proportional to its own seconds when jobs overlap), an equal share of the boot with the other jobs that
 waited for it, and a share of the stretch's idle time proportional to its GPU seconds. Stretches that ran no
@@ -106,6 +111,7 @@ class JobTime:
     created_at: float
     started_at: float
     finished_at: float
+    canary: bool = False
 
 
 def stretches(transitions: Sequence[Transition], *, since: float, until: float) -> list[Stretch]:
@@ -244,7 +250,7 @@ class CostReport:
     def job_types(self) -> list[dict[str, Any]]:
         groups: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for job in self.jobs:
-            group = groups[job["job_type"]]
+            group = groups["canary" if job["canary"] else job["job_type"]]
             group["jobs"] += 1
             for name in ("gpu_seconds", "boot_share_seconds", "idle_share_seconds", "charged_seconds"):
                 group[name] += job[name]
@@ -305,7 +311,8 @@ def _attribute(found: list[Stretch], jobs: Sequence[JobTime]) -> list[dict[str, 
         if j.task_id not in charged:
             continue
         row = charged[j.task_id]
-        rows.append({"job_id": j.task_id, "job_type": j.kind, "gpu_seconds": round(row["gpu_seconds"], 3),
+        rows.append({"job_id": j.task_id, "job_type": j.kind, "canary": j.canary,
+                     "gpu_seconds": round(row["gpu_seconds"], 3),
                      "boot_share_seconds": round(row["boot_share_seconds"], 3),
                      "idle_share_seconds": round(row["idle_share_seconds"], 3),
                      "charged_seconds": round(row["busy_share_seconds"] + row["boot_share_seconds"]
@@ -319,7 +326,7 @@ def build_report(transitions: Sequence[Transition], records: Iterable[JobRecord]
     """The report from what was recorded (pure: no AWS call)."""
     found = stretches(transitions, since=since, until=until)
     jobs: list[JobTime] = []
-    untimed = 0
+    untimed = retaken = 0
     for record in records:
         if not record.is_gpu_job:
             continue
@@ -329,7 +336,8 @@ def build_report(transitions: Sequence[Transition], records: Iterable[JobRecord]
         end = record.finished_at if record.finished_at is not None else until
         if end < since or record.started_at > until:
             continue
-        jobs.append(JobTime(record.task_id, record.kind, record.created_at, record.started_at, end))
+        jobs.append(JobTime(record.task_id, record.kind, record.created_at, record.started_at, end, record.canary))
+        retaken += record.attempts > 1
     jobs.sort(key=lambda j: j.started_at)
     rows = _attribute(found, jobs)
     report = CostReport(instance_id, instance_type, since, until, price, price_source, found, rows, untimed,
@@ -343,6 +351,10 @@ def build_report(transitions: Sequence[Transition], records: Iterable[JobRecord]
     if untimed:
         report.warnings.append(f"{untimed} GPU job(s) have no started_at (processed by an adapter that does not "
                                "record it): their time counts as idle.")
+    if retaken:
+        report.warnings.append(f"{retaken} GPU job(s) ran more than once (retried or taken over): only their last "
+                               "attempt's time is counted as busy, earlier attempts count as idle (the record "
+                               "keeps only the last attempt's started_at).")
     if price is None:
         report.warnings.append(f"No price is known for the instance type {instance_type or '(unknown)'}: "
                                "pass --hourly-price to see money.")

@@ -9,7 +9,7 @@ here: the checks that need them use the adapter's defaults (adapter/settings.py)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from gpuctl.aws.scheduler import FunctionInfo
     from gpuctl.services.context import Gateways
 
-__all__ = ["AdapterTunables", "Finding", "Level", "run_checks", "worst"]
+__all__ = ["CHECK_NAMES", "AdapterTunables", "Finding", "Level", "run_checks", "select_checks", "worst"]
 
 Level = Literal["pass", "warn", "fail"]
 _RANK = {"pass": 0, "warn": 1, "fail": 2}
@@ -288,15 +288,40 @@ def _heartbeat(ctx: _Context, tun: AdapterTunables) -> list[Finding]:
     return [Finding("adapter.heartbeat", "pass", f"the adapter reported {age:.0f} s ago ({activity.adapter_state})")]
 
 
-CHECKS: tuple[tuple[str, Callable[[_Context, AdapterTunables], list[Finding]]], ...] = (
-    ("queue", _queue), ("idle_window", _idle_window), ("alarm", _alarm), ("rules", _rules),
-    ("scheduler.environment", _environment), ("instance.profile", _instance_profile), ("tables", _tables),
-    ("bucket.lifecycle", _lifecycle), ("cli.profile", _profile), ("adapter.heartbeat", _heartbeat),
+#: Each check: the findings it gives (their ``check`` names) and the function that gives them.
+CHECKS: tuple[tuple[tuple[str, ...], Callable[[_Context, AdapterTunables], list[Finding]]], ...] = (
+    (("queue.visibility", "queue.dlq"), _queue), (("idle_window",), _idle_window), (("alarm",), _alarm),
+    (("schedule", "history_rule"), _rules), (("scheduler.environment",), _environment),
+    (("instance.profile",), _instance_profile), (("table.index", "table.ttl", "history.ttl"), _tables),
+    (("bucket.lifecycle",), _lifecycle), (("cli.profile",), _profile), (("adapter.heartbeat",), _heartbeat),
 )
+#: Every finding name a check can give, in order (``stack`` first: it is read before any other).
+CHECK_NAMES: tuple[str, ...] = ("stack", *(name for names, _run in CHECKS for name in names))
 
 
-def run_checks(gw: Gateways, tunables: AdapterTunables | None = None) -> list[Finding]:
-    """Every check's findings, in order. A stack that is not there is one ``fail`` (nothing else can be checked).
+def select_checks(wanted: Collection[str]) -> set[str]:
+    """The finding names ``wanted`` selects: a name itself, or a dotted prefix (``queue`` → ``queue.*``).
+
+    Raises:
+        UsageError: a name that selects nothing, with the names there are.
+    """
+    from gpuctl.errors import UsageError
+
+    chosen: set[str] = set()
+    for want in wanted:
+        matches = {n for n in CHECK_NAMES if n == want or n.startswith(want + ".")}
+        if not matches:
+            raise UsageError(f"--check {want!r} is not a check; the checks are: {', '.join(CHECK_NAMES)}.")
+        chosen |= matches
+    return chosen
+
+
+def run_checks(gw: Gateways, tunables: AdapterTunables | None = None,
+               only: Collection[str] | None = None) -> list[Finding]:
+    """The findings of every check (``only``: of those finding names, see :func:`select_checks`), in order.
+
+    A stack that is not there is one ``fail`` (nothing else can be checked); it is reported whatever ``only``
+    says. An empty ``only`` runs nothing (not even the stack's read).
 
     Raises:
         ConfigError: no credentials / region (nothing can be read at all).
@@ -304,6 +329,10 @@ def run_checks(gw: Gateways, tunables: AdapterTunables | None = None) -> list[Fi
     from gpuctl.aws.cfn import Stacks
     from gpuctl.errors import ConfigError
 
+    if only is not None:
+        only = set(only)
+        if not only:
+            return []
     tun = tunables or AdapterTunables.defaults()
     name = gw.settings.stack_name
     stack = Stacks(gw.clients.cloudformation).describe(name)
@@ -313,12 +342,15 @@ def run_checks(gw: Gateways, tunables: AdapterTunables | None = None) -> list[Fi
                      else "fail", f"the stack {name} is {stack.status}",
                      None if stack.status.endswith("_COMPLETE") else "gpuctl deploy status; then gpuctl deploy")]
     ctx = _Context(gw, stack)
-    for check, run in CHECKS:
+    for names, run in CHECKS:
+        if only is not None and not set(only) & set(names):
+            continue
         try:
             found.extend(run(ctx, tun))
         except ConfigError:
             raise
         except (GpuctlError, KeyError) as exc:
             what = f"the stack has no {exc} output" if isinstance(exc, KeyError) else str(exc)
+            check = next(n for n in names if only is None or n in only)
             found.append(Finding(check, "fail", f"could not check: {what}", "see the message; then run doctor again"))
-    return found
+    return [f for f in found if only is None or f.check in only or (f.check == "stack" and f.level == "fail")]

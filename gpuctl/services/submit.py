@@ -277,7 +277,7 @@ def _file_progress(ref: ImageRef, on_progress: Progress | None) -> Callable[[int
 # --- records and messages --------------------------------------------------------------------------
 
 def _new_record(gw: Gateways, task_id: str, request: JobRequest, now: float, *,
-                idempotency_key: str | None = None, retry_of: str | None = None) -> JobRecord:
+                idempotency_key: str | None = None, retry_of: str | None = None, canary: bool = False) -> JobRecord:
     return JobRecord(
         task_id=task_id,
         status=JobStatus.PENDING,
@@ -289,6 +289,7 @@ def _new_record(gw: Gateways, task_id: str, request: JobRequest, now: float, *,
         expires_at=int(now + gw.settings.job_ttl_days * 86400),
         idempotency_key=idempotency_key,
         retry_of=retry_of,
+        canary=canary,
     )
 
 
@@ -335,11 +336,13 @@ def submit_request(
     guard: WriteGuard = NO_GUARD,
     stopping_wait: float = STOPPING_WAIT_SECONDS,
     notes: SubmitNotes | None = None,
+    canary: bool = False,
 ) -> SubmitResult:
     """Record a validated request as ``pending``, queue it, note the activity and make sure the instance runs.
 
     ``notes``: a long-lived caller's coalesced marker notes. While they say an adapter polls, the submit ends
     once its message is queued (two AWS requests) and the note is left to them (see :mod:`gpuctl.services.notes`).
+    ``canary`` marks the record as `gpuctl doctor --canary`'s test job.
 
     Raises:
         ConfigError: a setting the submit needs is missing (nothing was written).
@@ -350,7 +353,8 @@ def submit_request(
     _check_settings(gw, uploads=False, instance=require_instance)
     task_id = task_id or new_task_id()
     now = round(time.time(), 3)
-    record = _new_record(gw, task_id, request, now, idempotency_key=idempotency_key, retry_of=retry_of)
+    record = _new_record(gw, task_id, request, now, idempotency_key=idempotency_key, retry_of=retry_of,
+                         canary=canary)
     body = JobMessage.for_request(task_id, request, submitted_at=now).to_json()
     with guard.deferred():
         try:
@@ -432,6 +436,7 @@ def submit_draft(
     guard: WriteGuard = NO_GUARD,
     stopping_wait: float = STOPPING_WAIT_SECONDS,
     notes: SubmitNotes | None = None,
+    canary: bool = False,
 ) -> SubmitResult:
     """Check the draft's remote inputs, upload its local images, then :func:`submit_request`.
 
@@ -463,7 +468,7 @@ def submit_draft(
         request = parse_request(draft.job_type, {**draft.fields, **urls})
         result = submit_request(gw, request, task_id=task_id, idempotency_key=idempotency_key,
                                 start_instance=start_instance, require_instance=require_instance, guard=guard,
-                                stopping_wait=stopping_wait, notes=notes)
+                                stopping_wait=stopping_wait, notes=notes, canary=canary)
     except JobAlreadyExists:
         # Two submits with one key raced; the other one recorded and queued the job.
         uploads.discard()

@@ -69,6 +69,7 @@ def watch_jobs(
     job_ids: Sequence[str],
     *,
     on_change: Callable[[JobRecord], None],
+    on_poll: Callable[[], None] | None = None,
     timeout: float | None = None,
     interval: float = 1.0,
     max_interval: float = 5.0,
@@ -78,7 +79,7 @@ def watch_jobs(
     """Poll each unfinished job until all have finished or ``timeout`` seconds have passed.
 
     ``on_change`` is called with the first record of every job, then whenever its status, progress,
-    result or error changes.
+    result or error changes; ``on_poll`` (if given) after every round of reads that leaves a job unfinished.
 
     Raises:
         UsageError: a malformed job id, a non-positive interval or timeout.
@@ -110,5 +111,7 @@ def watch_jobs(
             return WatchResult([latest[i] for i in ids], False, now - start)
         if deadline is not None and now >= deadline:
             return WatchResult([latest[i] for i in ids], True, now - start)
+        if on_poll is not None:
+            on_poll()
         wait = interval if changed else min(wait * _GROWTH, max_interval)
         sleep(wait if deadline is None else max(0.0, min(wait, deadline - now)))
