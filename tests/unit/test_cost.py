@@ -157,3 +157,28 @@ def test_merge() -> None:
     """Overlapping and touching intervals merge; empty ones vanish."""
     # GIVEN / WHEN / THEN
     assert merge([(5, 7), (0, 2), (1, 3), (3, 4), (9, 9)]) == [(0, 4), (5, 7)]
+
+
+def test_canary_jobs_are_marked_and_grouped_apart() -> None:
+    """doctor's canary is charged as any job, marked canary, and `--by job-type` groups it as "canary"."""
+    # GIVEN a team job and a canary in one stretch
+    canary = job("c", DAY + 10, DAY + 400, DAY + 410).model_copy(update={"canary": True})
+    found = report([t(DAY, "running"), t(DAY + 1000, "stopping")], [job("a", DAY + 5, DAY + 100, DAY + 200), canary],
+                   by="job-type")
+    # WHEN / THEN
+    assert [(j["job_id"], j["canary"]) for j in found.jobs] == [("a", False), ("c", True)]
+    assert [(g["job_type"], g["jobs"], g["gpu_seconds"]) for g in found.job_types()] == [
+        ("camera-angle", 1, 100), ("canary", 1, 10)]
+
+
+def test_a_retaken_job_counts_its_last_attempt_and_is_warned_about() -> None:
+    """A job claimed twice: busy is its last attempt (started_at on), and the report says the rest is idle."""
+    # GIVEN a job whose first attempt ran from DAY+100 and whose second (the one recorded) from DAY+300
+    retaken = job("r", DAY + 5, DAY + 300, DAY + 400).model_copy(update={"attempts": 2})
+    # WHEN
+    found = report([t(DAY, "running"), t(DAY + 1000, "stopping")], [retaken, job("b", DAY + 5, DAY + 500, DAY + 550)])
+    # THEN
+    assert found.totals()["busy_seconds"] == 150
+    assert [w for w in found.warnings if "ran more than once" in w] == [
+        "1 GPU job(s) ran more than once (retried or taken over): only their last attempt's time is counted as "
+        "busy, earlier attempts count as idle (the record keeps only the last attempt's started_at)."]
