@@ -12,7 +12,7 @@ import pytest
 
 import history
 from gpuctl import schemas
-from tests.helpers import REGION, Resources, create_history_table, run_cli
+from tests.helpers import REGION, Resources, create_history_table, create_resources, run_cli
 
 CAMERA = "/api/v1/camera-angle/jobs"
 
@@ -24,27 +24,29 @@ def client(name: str, endpoint: str) -> Any:
                         aws_secret_access_key="testing")
 
 
-@pytest.fixture
-def recorded(server_aws: Resources) -> tuple[Resources, float]:
+@pytest.fixture(scope="module")
+def recorded(moto_server: str) -> tuple[Resources, float]:
     """Two hours ago a submit started the instance for one job (5 min of GPU), and the scheduler stopped it
-    31 minutes after the start; the history was written by the Lambda's own recorder."""
-    endpoint = server_aws.endpoint_url
-    assert endpoint is not None
+    31 minutes after the start; the history was written by the Lambda's own recorder. Built once: every test
+    here only reads it."""
+    import httpx
+
+    httpx.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
     session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing")
-    table = create_history_table(session, endpoint)
-    ec2, ddb = client("ec2", endpoint), client("dynamodb", endpoint)
+    res = create_resources(session, moto_server)
+    table = create_history_table(session, moto_server)
+    ec2, ddb = client("ec2", moto_server), client("dynamodb", moto_server)
     t0 = float(int(time.time()) - 7200)  # events carry whole seconds
     config = history.HistoryConfig(table)
     for state, at in (("pending", t0 + 5), ("running", t0 + 20), ("stopping", t0 + 1880), ("stopped", t0 + 1900)):
-        record = history.record_event(history.state_change_event(server_aws.instance_id, state, at=at), config, ec2,
-                                      ddb)
+        record = history.record_event(history.state_change_event(res.instance_id, state, at=at), config, ec2, ddb)
         assert record["stored"]
-    ddb.put_item(TableName=server_aws.table_name, Item={
+    ddb.put_item(TableName=res.table_name, Item={
         "task_id": {"S": "job-1"}, "status": {"S": "completed"}, "job_type": {"S": CAMERA},
         "created_at": {"N": str(t0)}, "updated_at": {"N": str(t0 + 380)}, "started_at": {"N": str(t0 + 80)},
         "finished_at": {"N": str(t0 + 380)}})
-    server_aws.extra_env["GPUCTL_HISTORY_TABLE"] = table
-    return server_aws, t0
+    res.extra_env["GPUCTL_HISTORY_TABLE"] = table
+    return res, t0
 
 
 def test_report_json_matches_its_schema_and_the_history(recorded: tuple[Resources, float]) -> None:
@@ -103,10 +105,11 @@ def test_bad_options_exit_2_with_one_sentence(recorded: tuple[Resources, float],
     assert result.stdout == ""
 
 
-def test_no_history_table_configured(server_aws: Resources) -> None:
+def test_no_history_table_configured(recorded: tuple[Resources, float]) -> None:
     """Without the history table setting: exit 2 and how to set it."""
     # GIVEN / WHEN
-    result = run_cli(["cost", "report"], server_aws.env())
+    env = {k: v for k, v in recorded[0].env().items() if k != "GPUCTL_HISTORY_TABLE"}
+    result = run_cli(["cost", "report"], env)
     # THEN
     assert result.returncode == 2
     assert "GPUCTL_HISTORY_TABLE" in result.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import history
 from gpuctl.services.context import Gateways
 from gpuctl.services.instance import start_instance, stop_instance
 from gpuctl.settings import Settings
-from tests.helpers import REGION, Resources, create_history_table
+from tests.helpers import REGION, Resources, create_history_table, create_resources
 
 EVENTS = Path(__file__).resolve().parent.parent / "events"
 EVENT_AT = 1796029200.0  # 2026-11-30T09:00:00Z, the fixtures' "time"
@@ -28,14 +30,29 @@ def event(state: str, instance_id: str) -> dict[str, Any]:
     return data
 
 
+@pytest.fixture(scope="module")
+def world() -> Iterator[tuple[Resources, str]]:
+    """moto in-process with the queue, tables and bucket, created once for the module (each test has its own
+    instance, and the history is keyed by instance)."""
+    from moto import mock_aws
+
+    with mock_aws():
+        session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing")
+        yield create_resources(session), create_history_table(session)
+
+
 @pytest.fixture
-def env(aws: Resources, monkeypatch: pytest.MonkeyPatch) -> Resources:
-    """The Lambda's environment as the template sets it, with the history table."""
-    table = create_history_table(boto3.session.Session())
+def env(world: tuple[Resources, str], monkeypatch: pytest.MonkeyPatch) -> Resources:
+    """A new stopped GPU instance, and the Lambda's environment as the template sets it, with the history table."""
+    shared, table = world
+    ec2 = boto3.client("ec2", region_name=REGION)
+    instance_id = ec2.run_instances(ImageId="ami-12c6146b", InstanceType="g5.xlarge", MinCount=1,
+                                    MaxCount=1)["Instances"][0]["InstanceId"]
+    ec2.stop_instances(InstanceIds=[instance_id])
+    aws = dataclasses.replace(shared, instance_id=instance_id, extra_env={"history_table": table})
     for name, value in (("QUEUE_URL", aws.queue_url), ("DLQ_URL", aws.dlq_url), ("TABLE_NAME", aws.table_name),
                         ("INSTANCE_ID", aws.instance_id), ("HISTORY_TABLE", table)):
         monkeypatch.setenv(name, value)
-    aws.extra_env["history_table"] = table
     return aws
 
 
