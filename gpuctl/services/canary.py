@@ -78,7 +78,7 @@ class CanaryResult:
         for name, what in STAGES:
             value = self.seconds.get(name)
             shown = "not recorded (an adapter older than this gpuctl)" if value is None else f"{value:.1f} s"
-            found.append(Finding(f"canary.{name}", "pass", f"{shown}: {what}"))
+            found.append(Finding(f"canary.{name}", "pass", f"{shown} ({what})"))
         return found
 
     def document(self) -> dict[str, Any]:
