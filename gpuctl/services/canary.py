@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpuctl.errors import GpuctlError, Interrupted
+from gpuctl.errors import ConfigError, GpuctlError, Interrupted, UsageError
 from gpuctl.services.demo import stage_seconds
 from gpuctl.services.doctor import Finding
 from gpuctl.services.submit import NO_GUARD, WriteGuard
@@ -56,9 +56,10 @@ STAGES: tuple[tuple[str, str], ...] = (
 
 @dataclass
 class CanaryResult:
-    """How the canary went: its job, its end (``completed``, ``failed``, ``timed-out``) and its stages."""
+    """How the canary went: its job, its end (``completed``, ``failed``, ``timed-out``, ``not-submitted``) and its
+    stages."""
 
-    job_id: str
+    job_id: str | None  # None: it could not be submitted
     status: str
     seconds: dict[str, float | None]
     total_s: float
@@ -72,8 +73,9 @@ class CanaryResult:
         if self.status != "completed":
             reached = ", ".join(f"{name.replace('_', ' ')} {value:.1f} s" for name, value in self.seconds.items()
                                 if value is not None)
-            return [Finding("canary", "fail", f"the canary job {self.job_id} {self.error}"
-                            + (f" (after {reached})" if reached else ""), _fix(self))]
+            subject = "the canary" if self.job_id is None else f"the canary job {self.job_id}"
+            return [Finding("canary", "fail", f"{subject} {self.error}" + (f" (after {reached})" if reached else ""),
+                            _fix(self))]
         found = [Finding("canary", "pass", f"the canary job {self.job_id} completed in {self.total_s:.1f} s")]
         for name, what in STAGES:
             value = self.seconds.get(name)
@@ -89,6 +91,8 @@ class CanaryResult:
 
 
 def _fix(result: CanaryResult) -> str:
+    if result.job_id is None:
+        return "the checks above (gpuctl doctor) and gpuctl queue stats show what the submit could not reach"
     if result.status == "timed-out":
         return (f"gpuctl status {result.job_id} says why a job waits; gpuctl instance status and gpuctl doctor "
                 "show whether the instance and its adapter run")
@@ -149,7 +153,13 @@ def run_canary(gw: Gateways, *, timeout: float = DEFAULT_CANARY_TIMEOUT, guard: 
         picture.write_bytes(canary_png())
         draft = draft_job(JobType.CAMERA_ANGLE, str(picture), CANARY_FIELDS,
                           limits=ImageLimits.from_settings(gw.settings))
-        submitted = submit_draft(gw, draft, guard=guard, canary=True)
+        try:
+            submitted = submit_draft(gw, draft, guard=guard, canary=True)
+        except (ConfigError, UsageError, Interrupted):
+            raise
+        except GpuctlError as exc:
+            return CanaryResult(None, "not-submitted", dict.fromkeys(name for name, _what in STAGES), 0.0,
+                                f"could not be submitted: {exc}")
     record = submitted.record
     if submitted.interrupted or guard.pending:
         raise Interrupted(f"Interrupted: the canary job {record.task_id} is queued and left as it is "

@@ -158,3 +158,20 @@ def test_ctrl_c_during_the_canary_exits_130_naming_the_job_left(gw: Any, server_
     assert "Interrupted" in stderr and f"gpuctl jobs cancel {record.task_id}" in stderr, stderr
     assert "Traceback" not in stderr
     assert gw.table.get(record.task_id).status is JobStatus.PENDING
+
+
+def test_canary_that_cannot_be_queued_is_a_failed_finding(gw: Any, server_aws: Resources) -> None:  # noqa: F811
+    """The queue is gone: FAIL canary "could not be submitted" with the AWS error, exit 1, JSON still printed."""
+    # GIVEN a profile whose queue does not exist
+    env = {**server_aws.env(), "GPUCTL_QUEUE_URL": server_aws.queue_url + "-gone"}
+    # WHEN
+    result = run_cli(["doctor", "--check", "canary", "--output", "json"], env)
+    # THEN
+    assert result.returncode == 1, result.stdout + result.stderr
+    doc = json.loads(result.stdout)
+    jsonschema.validate(doc, schemas.definition("doctor"))
+    [finding] = doc["findings"]
+    assert finding["level"] == "fail" and finding["message"].startswith("the canary could not be submitted: Job ")
+    assert doc["canary"]["status"] == "not-submitted" and doc["canary"]["job_id"] is None
+    [record] = canary_records(gw)
+    assert record.status is JobStatus.FAILED  # submit's own rule: a record whose message was not queued fails
