@@ -12,7 +12,7 @@ import pytest
 
 import history
 from gpuctl import schemas
-from tests.helpers import REGION, Resources, create_history_table, create_resources, run_cli
+from tests.helpers import REGION, Resources, create_history_table, create_resources, invoke
 
 CAMERA = "/api/v1/camera-angle/jobs"
 
@@ -49,14 +49,15 @@ def recorded(moto_server: str) -> tuple[Resources, float]:
     return res, t0
 
 
-def test_report_json_matches_its_schema_and_the_history(recorded: tuple[Resources, float]) -> None:
+def test_report_json_matches_its_schema_and_the_history(
+        recorded: tuple[Resources, float], capsys: pytest.CaptureFixture[str]) -> None:
     """--output json: billed = the running stretch, boot until the claim, busy = the job, the rest idle."""
     # GIVEN
     res, _t0 = recorded
     # WHEN
-    result = run_cli(["cost", "report", "--since", "1d", "--by", "job-type", "--output", "json"], res.env())
+    result = invoke(["cost", "report", "--since", "1d", "--by", "job-type", "--output", "json"], res.env(), capsys)
     # THEN
-    assert result.returncode == 0, result.stderr
+    assert result.code == 0, result.stderr
     doc = json.loads(result.stdout)
     jsonschema.validate(doc, schemas.definition("cost report"))
     totals = doc["totals"]
@@ -73,18 +74,19 @@ def test_report_json_matches_its_schema_and_the_history(recorded: tuple[Resource
     assert doc["stretches"][0]["started_by"] == "other"  # emulator events carry no gpuctl tags here
 
 
-def test_report_text_with_chart_and_quiet(recorded: tuple[Resources, float]) -> None:
+def test_report_text_with_chart_and_quiet(
+        recorded: tuple[Resources, float], capsys: pytest.CaptureFixture[str]) -> None:
     """Text shows the totals and a bar per day; -q prints only the money; --hourly-price overrides the table."""
     # GIVEN
     res, _t0 = recorded
     # WHEN
-    text = run_cli(["cost", "report", "--by", "day"], res.env())
-    quiet = run_cli(["cost", "report", "-q", "--hourly-price", "3.6"], res.env())
+    text = invoke(["cost", "report", "--by", "day"], res.env(), capsys)
+    quiet = invoke(["cost", "report", "-q", "--hourly-price", "3.6"], res.env(), capsys)
     # THEN
-    assert text.returncode == 0, text.stderr
+    assert text.code == 0, text.stderr
     assert "GPU cost" in text.stdout and "idle tail" in text.stdout
     assert "█" in text.stdout and "░" in text.stdout
-    assert quiet.returncode == 0 and float(quiet.stdout) == pytest.approx(1.86, abs=0.001)
+    assert quiet.code == 0 and float(quiet.stdout) == pytest.approx(1.86, abs=0.001)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -92,39 +94,40 @@ def test_report_text_with_chart_and_quiet(recorded: tuple[Resources, float]) -> 
     (["--since", "forever"], "--since 'forever' is not a duration"),
     (["--hourly-price", "-1"], "--hourly-price must be a non-negative number"),
 ])
-def test_bad_options_exit_2_with_one_sentence(recorded: tuple[Resources, float], args: list[str],
-                                              message: str) -> None:
+def test_bad_options_exit_2_with_one_sentence(
+        recorded: tuple[Resources, float], args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     """A bad option: exit 2, one clear sentence on stderr, nothing on stdout, no traceback."""
     # GIVEN
     res, _t0 = recorded
     # WHEN
-    result = run_cli(["cost", "report", *args], res.env())
+    result = invoke(["cost", "report", *args], res.env(), capsys)
     # THEN
-    assert result.returncode == 2
+    assert result.code == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""
 
 
-def test_no_history_table_configured(recorded: tuple[Resources, float]) -> None:
+def test_no_history_table_configured(recorded: tuple[Resources, float], capsys: pytest.CaptureFixture[str]) -> None:
     """Without the history table setting: exit 2 and how to set it."""
     # GIVEN / WHEN
     env = {k: v for k, v in recorded[0].env().items() if k != "GPUCTL_HISTORY_TABLE"}
-    result = run_cli(["cost", "report"], env)
+    result = invoke(["cost", "report"], env, capsys)
     # THEN
-    assert result.returncode == 2
+    assert result.code == 2
     assert "GPUCTL_HISTORY_TABLE" in result.stderr
 
 
-def test_simulate_replays_the_recorded_job(recorded: tuple[Resources, float]) -> None:
+def test_simulate_replays_the_recorded_job(
+        recorded: tuple[Resources, float], capsys: pytest.CaptureFixture[str]) -> None:
     """cost simulate: the recorded job and measured boot replayed per window; -q prints the recommendation."""
     # GIVEN
     res, _t0 = recorded
     # WHEN
-    result = run_cli(["cost", "simulate", "--idle", "5m,30m", "--since", "1d", "--output", "json"], res.env())
-    quiet = run_cli(["cost", "simulate", "--idle", "5m,30m", "-q"], res.env())
-    bad = run_cli(["cost", "simulate", "--idle", "10s"], res.env())
+    result = invoke(["cost", "simulate", "--idle", "5m,30m", "--since", "1d", "--output", "json"], res.env(), capsys)
+    quiet = invoke(["cost", "simulate", "--idle", "5m,30m", "-q"], res.env(), capsys)
+    bad = invoke(["cost", "simulate", "--idle", "10s"], res.env(), capsys)
     # THEN
-    assert result.returncode == 0, result.stderr
+    assert result.code == 0, result.stderr
     doc = json.loads(result.stdout)
     jsonschema.validate(doc, schemas.definition("cost simulate"))
     assert doc["jobs"] == 1 and doc["boot_seconds"] == pytest.approx(60, abs=1) and doc["boots_measured"] == 1
@@ -133,5 +136,5 @@ def test_simulate_replays_the_recorded_job(recorded: tuple[Resources, float]) ->
     assert short["cold_starts"] == long["cold_starts"] == 1
     assert short["gpu_hours"] < long["gpu_hours"]
     assert doc["recommended_idle_window_seconds"] == 300
-    assert quiet.returncode == 0 and quiet.stdout.strip() == "5"
-    assert bad.returncode == 2 and "--idle windows must be at least 1 minute" in bad.stderr
+    assert quiet.code == 0 and quiet.stdout.strip() == "5"
+    assert bad.code == 2 and "--idle windows must be at least 1 minute" in bad.stderr

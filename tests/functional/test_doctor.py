@@ -24,7 +24,7 @@ from gpuctl.local.stack_gaps import fill_gaps
 from gpuctl.services.context import Gateways
 from gpuctl.services.doctor import CHECK_NAMES, Finding, run_checks
 from gpuctl.settings import Settings
-from tests.helpers import REGION, deploy_fresh_stack, run_cli
+from tests.helpers import REGION, deploy_fresh_stack, invoke
 
 pytestmark = [pytest.mark.server, pytest.mark.filterwarnings("ignore:Tried to parse AWS:UserWarning")]
 
@@ -100,13 +100,13 @@ def deployed(world: World, clean_env: Path) -> dict[str, str]:
     return world.outputs
 
 
-def test_doctor_passes_a_healthy_setup(deployed: dict[str, str]) -> None:
+def test_doctor_passes_a_healthy_setup(deployed: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     """Healthy: exit 0, every check passes, the JSON follows the schema (canary null without --canary)."""
     # GIVEN a healthy deployed setup
     # WHEN the CLI runs as a user runs it
-    ok = run_cli(["doctor", "--output", "json"], {})
+    ok = invoke(["doctor", "--output", "json"], {}, capsys)
     # THEN
-    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.code == 0, ok.stdout + ok.stderr
     doc = json.loads(ok.stdout)
     jsonschema.validate(doc, schemas.definition("doctor"))
     assert doc["worst"] == "pass", [f for f in doc["findings"] if f["level"] != "pass"]
@@ -218,19 +218,20 @@ def test_each_broken_invariant_is_reported_by_its_check(
     assert [(f.check, f.level) for f in world.checks({check})] == [(check, "pass")]
 
 
-def test_check_option_runs_the_named_checks_only(deployed: dict[str, str], moto_server: str) -> None:
+def test_check_option_runs_the_named_checks_only(
+        deployed: dict[str, str], moto_server: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`--check queue --check cli.profile`: the queue's findings and the profile's; a wrong profile fails; an
     unknown name is a usage error naming the checks."""
     # GIVEN the healthy setup
     # WHEN
-    picked = run_cli(["doctor", "--check", "queue", "--check", "cli.profile"], {})
-    unknown = run_cli(["doctor", "--check", "queues"], {})
+    picked = invoke(["doctor", "--check", "queue", "--check", "cli.profile"], {}, capsys)
+    unknown = invoke(["doctor", "--check", "queues"], {}, capsys)
     # THEN
-    assert picked.returncode == 0, picked.stdout + picked.stderr
+    assert picked.code == 0, picked.stdout + picked.stderr
     assert [line.split(":")[0] for line in picked.stdout.splitlines()] == [
         "ok    queue.visibility", "ok    queue.dlq", "ok    cli.profile"]
     assert "3 passed, 0 warnings, 0 failed." in picked.stderr
-    assert unknown.returncode == 2 and "--check 'queues' is not a check; the checks are: stack, " in unknown.stderr
+    assert unknown.code == 2 and "--check 'queues' is not a check; the checks are: stack, " in unknown.stderr
     assert "Traceback" not in unknown.stderr
     # AND the CLI profile pointing elsewhere fails its check
     wrong = run_checks(Gateways(Settings(region=REGION, endpoint_url=moto_server,
@@ -238,8 +239,8 @@ def test_check_option_runs_the_named_checks_only(deployed: dict[str, str], moto_
     assert [(f.check, f.level) for f in wrong] == [("cli.profile", "fail")]
 
 
-def test_a_stopped_instance_expects_no_adapter_and_a_missing_stack_fails(deployed: dict[str, str], world: World,
-                                                                       moto_server: str) -> None:
+def test_a_stopped_instance_expects_no_adapter_and_a_missing_stack_fails(
+        deployed: dict[str, str], world: World, moto_server: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Stopped: a silent adapter is fine. No stack: one FAIL, exit 1, whatever --check asks."""
     # GIVEN the instance stopped, its adapter silent for an hour
     ec2 = client("ec2", moto_server)
@@ -251,14 +252,15 @@ def test_a_stopped_instance_expects_no_adapter_and_a_missing_stack_fails(deploye
             ("adapter.heartbeat", "pass")]
     finally:
         ec2.start_instances(InstanceIds=[deployed["InstanceId"]])
-    failed = run_cli(["doctor", "-q", "--check", "queue"], {"GPUCTL_STACK_NAME": "no-such-stack"})
-    assert failed.returncode == 1
+    failed = invoke(["doctor", "-q", "--check", "queue"], {"GPUCTL_STACK_NAME": "no-such-stack"}, capsys)
+    assert failed.code == 1
     assert failed.stdout.splitlines() == ["FAIL  stack: the stack no-such-stack does not exist",
                                           "      fix: gpuctl deploy --instance-id i-..."]
     assert "Traceback" not in failed.stderr
 
 
-def test_local_scheduler_loop_records_the_state_changes_it_sees(deployed: dict[str, str], moto_server: str) -> None:
+def test_local_scheduler_loop_records_the_state_changes_it_sees(
+        deployed: dict[str, str], moto_server: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Local mode: the scheduler loop turns observed state changes into history items (moto emits no events),
     with gpuctl's cause, and `gpuctl cost report` reads them. (Last: it leaves the instance stopped.)"""
     # GIVEN the deployed stack and its running instance
@@ -286,14 +288,14 @@ def test_local_scheduler_loop_records_the_state_changes_it_sees(deployed: dict[s
     try:
         wait_for("running")
         # WHEN the operator stops it with gpuctl
-        stopped = run_cli(["instance", "stop"], {})
-        assert stopped.returncode == 0, stopped.stderr
+        stopped = invoke(["instance", "stop"], {}, capsys)
+        assert stopped.code == 0, stopped.stderr
         found = wait_for("stopped")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
     # THEN
     assert found[-1]["cause"] == "cli" and found[-1]["reason"] == "manual stop"
-    report = run_cli(["cost", "report", "--since", "1h", "--output", "json"], {})
-    assert report.returncode == 0, report.stderr
+    report = invoke(["cost", "report", "--since", "1h", "--output", "json"], {}, capsys)
+    assert report.code == 0, report.stderr
     assert len(json.loads(report.stdout)["stretches"]) == 1

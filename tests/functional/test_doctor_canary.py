@@ -21,7 +21,7 @@ from gpuctl.errors import NotFound
 from gpuctl.local.comfyui_standin import StandinFaults, StandinServer
 from gpuctl.models import JobRecord, JobStatus
 from tests.functional.test_adapter import AdapterProcess, adapter_factory, gw, standin_factory  # noqa: F401
-from tests.helpers import Resources, run_cli
+from tests.helpers import Resources, invoke
 
 pytestmark = pytest.mark.server
 
@@ -60,7 +60,7 @@ def gone(gateways: Any, uri: str) -> bool:
 
 def test_canary_boots_the_instance_runs_and_reports_each_stage(
         standin_factory: Callable[..., StandinServer], adapter_factory: Callable[..., AdapterProcess],  # noqa: F811
-        gw: Any, server_aws: Resources) -> None:  # noqa: F811
+        gw: Any, server_aws: Resources, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     """Stopped instance, no adapter yet: the canary starts the instance, waits for the adapter (boot), completes;
     the four stages add up to its time, the JSON follows the schema, the canary is marked and cleaned up."""
     # GIVEN a stopped instance whose adapter is not up yet
@@ -95,23 +95,23 @@ def test_canary_boots_the_instance_runs_and_reports_each_stage(
     assert gone(gw, uploaded) and gone(gw, record.result_s3_uri or "")
     assert gw.instance.describe().state == "running"
     # AND `jobs list` tells it apart (its JSON says "canary": true, from the record's status document)
-    listed = run_cli(["jobs", "list"], server_aws.env())
+    listed = invoke(["jobs", "list"], server_aws.env(), capsys)
     assert "camera-angle (canary)" in listed.stdout, listed.stdout
     assert record.status_document()["canary"] is True
 
 
 def test_canary_the_backend_fails_exits_1_with_the_reason(
         standin_factory: Callable[..., StandinServer], adapter_factory: Callable[..., AdapterProcess],  # noqa: F811
-        gw: Any, server_aws: Resources) -> None:  # noqa: F811
+        gw: Any, server_aws: Resources, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     """The stand-in fails the job: FAIL canary with ComfyUI's reason, exit 1, the input deleted."""
     # GIVEN an adapter polling a ComfyUI that fails the next job
     standin = standin_factory(faults=StandinFaults(execution_error=1))
     adapter_factory(standin).start()
     wait_until(lambda: gw.table.read_activity().adapter_state == "running", 20, "adapter report")
     # WHEN
-    result = run_cli(["doctor", "--check", "canary", "--canary-timeout", "60"], server_aws.env(), timeout=90)
+    result = invoke(["doctor", "--check", "canary", "--canary-timeout", "60"], server_aws.env(), capsys)
     # THEN
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.code == 1, result.stdout + result.stderr
     [record] = canary_records(gw)
     assert record.status is JobStatus.FAILED and record.error_message
     assert f"FAIL  canary: the canary job {record.task_id} failed: {record.error_message}" in result.stdout
@@ -120,15 +120,16 @@ def test_canary_the_backend_fails_exits_1_with_the_reason(
     assert gone(gw, record.request["image_url"] if record.request else "")
 
 
-def test_canary_nobody_claims_times_out_and_is_cancelled(gw: Any, server_aws: Resources) -> None:  # noqa: F811
+def test_canary_nobody_claims_times_out_and_is_cancelled(
+        gw: Any, server_aws: Resources, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     """No adapter polls: after --canary-timeout the canary fails (still pending), is cancelled so it never runs
     later, and its input is deleted."""
     # GIVEN no adapter
     # WHEN
-    result = run_cli(["doctor", "--check", "canary", "--canary-timeout", "1.5", "--output", "json"],
-                     server_aws.env())
+    result = invoke(["doctor", "--check", "canary", "--canary-timeout", "1.5", "--output", "json"], server_aws.env(),
+                    capsys)
     # THEN
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.code == 1, result.stdout + result.stderr
     doc = json.loads(result.stdout)
     jsonschema.validate(doc, schemas.definition("doctor"))
     [finding] = doc["findings"]
@@ -160,14 +161,15 @@ def test_ctrl_c_during_the_canary_exits_130_naming_the_job_left(gw: Any, server_
     assert gw.table.get(record.task_id).status is JobStatus.PENDING
 
 
-def test_canary_that_cannot_be_queued_is_a_failed_finding(gw: Any, server_aws: Resources) -> None:  # noqa: F811
+def test_canary_that_cannot_be_queued_is_a_failed_finding(
+        gw: Any, server_aws: Resources, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     """The queue is gone: FAIL canary "could not be submitted" with the AWS error, exit 1, JSON still printed."""
     # GIVEN a profile whose queue does not exist
     env = {**server_aws.env(), "GPUCTL_QUEUE_URL": server_aws.queue_url + "-gone"}
     # WHEN
-    result = run_cli(["doctor", "--check", "canary", "--output", "json"], env)
+    result = invoke(["doctor", "--check", "canary", "--output", "json"], env, capsys)
     # THEN
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.code == 1, result.stdout + result.stderr
     doc = json.loads(result.stdout)
     jsonschema.validate(doc, schemas.definition("doctor"))
     [finding] = doc["findings"]
