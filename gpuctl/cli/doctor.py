@@ -36,7 +36,8 @@ def doctor(
         "stage: queue wait, boot, execution, publish. It starts the GPU instance when it is stopped, which costs "
         "at least a minute of GPU time.")] = False,
     canary_timeout: Annotated[float, typer.Option(
-        "--canary-timeout", help="Give the canary up (and cancel it) after this many seconds.")] = 900.0,
+        "--canary-timeout", help="Give the canary up (and cancel it) after this many seconds.")] = 900.0,  # =
+    # gpuctl.services.canary.DEFAULT_CANARY_TIMEOUT (not imported here: --help stays light)
     output: OutputOpt = None,
     quiet: Annotated[bool, quiet_opt("the findings that are not a pass")] = False,
 ) -> None:

@@ -135,12 +135,13 @@ def run_canary(gw: Gateways, *, timeout: float = DEFAULT_CANARY_TIMEOUT, guard: 
                on_submitted: Callable[[JobRecord], None] | None = None) -> CanaryResult:
     """Submit the canary, follow it to its end (at most ``timeout`` seconds), time its stages, clean up.
 
-    ``on_submitted`` is told the canary's record once it is queued.
+    ``on_submitted`` is told the canary's record once it is queued. A submit that fails on AWS is a result
+    (``not-submitted``, with the error), not an exception: it is what the canary found.
 
     Raises:
         ConfigError / UsageError: a setting the submit needs is missing (nothing was written).
         Interrupted: Ctrl-C; the message names the canary job when it was already queued.
-        GpuctlError: the submit failed.
+        GpuctlError: the job's record could not be read while following it.
     """
     from gpuctl.inputs import ImageLimits
     from gpuctl.models import JobType
