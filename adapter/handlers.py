@@ -14,7 +14,9 @@
 4. Publish: each attempt uploads its PNG under its own key, ``<results_prefix><job type>/<task_id>/<attempt
    token>.png``, and the ``processing → completed`` transition conditional on that attempt's token is what
    publishes it. An attempt that lost the job (a paused worker that wakes up after another one finished it)
-   deletes its own object and nothing else: no attempt can replace or delete a published result.
+   deletes its own object and nothing else: no attempt can replace or delete a published result. A completing
+   write that fails without an answer (it may have landed) is read back and finished for a few seconds before the
+   attempt is given up, so a result the GPU made is not thrown away for a brief table outage.
 5. Failures: permanent → ``failed`` with the reason at once; cancelled / timed out → ``failed`` "cancelled by
    user" / "timed out after N s" once the backend confirmed the stop; transient → released for another try
    after ``release_delay``, until the job has used ``maxReceiveCount`` attempts, when it is ``failed`` with the
@@ -63,6 +65,9 @@ __all__ = ["Claim", "Deps", "MessageHandler", "result_key"]
 log = logging.getLogger(__name__)
 _CLAIM_TRIES = 3
 _MAX_DELAY = 900  # SQS's longest DelaySeconds
+#: After the completing write failed without an answer (botocore's own retries spent): look and try again after
+#: these pauses, so a result the GPU already made is not thrown away (and the job run again) for a brief outage.
+_PUBLISH_RETRY_DELAYS = (0.5, 2.0, 5.0)
 
 
 @dataclass(frozen=True)
@@ -333,17 +338,40 @@ class MessageHandler:
                   "executed_at": executed_at, "progress": 1.0}
         try:
             outcome = self._finish(msg, claim, JobStatus.COMPLETED, fields, outcome="completed")
-        except GpuctlError:
-            # Unknown whether the write landed: keep the object only if the record names it.
-            with contextlib.suppress(GpuctlError):
-                if key is not None and self._d.table.get(claim.record.task_id).result_s3_uri != url:
-                    self._delete_object(key)
-            raise
+        except GpuctlError as exc:
+            recovered = self._publish_again(msg, claim, url, fields, exc)
+            if recovered is None:
+                # Still unknown whether the write landed: keep the object only if the record names it.
+                with contextlib.suppress(GpuctlError):
+                    if key is not None and self._d.table.get(claim.record.task_id).result_s3_uri != url:
+                        self._delete_object(key)
+                raise
+            outcome = recovered
         if outcome != "completed":
             finished_at.clear()
             if key is not None:
                 self._delete_object(key)
         return outcome
+
+    def _publish_again(self, msg: ReceivedMessage, claim: Claim, url: str, fields: dict[str, Any],
+                       error: GpuctlError) -> str | None:
+        """The completing write failed without an answer: it may have landed, or not. Read the record and finish
+        what is ours; None when it still cannot be known (the message then comes back for another attempt)."""
+        task_id = claim.record.task_id
+        for delay in _PUBLISH_RETRY_DELAYS:
+            log.warning("adapter.publish_retry", extra={"task_id": task_id, "error": str(error), "retry_in_s": delay})
+            time.sleep(delay)
+            try:
+                current = self._d.table.get(task_id)
+                if current.status is JobStatus.COMPLETED and current.result_s3_uri == url:
+                    # Our write landed; only its answer was lost.
+                    self._delete(msg)
+                    log.info("adapter.job_completed", extra={"task_id": task_id, **fields, "recovered": True})
+                    return "completed"
+                return self._finish(msg, claim, JobStatus.COMPLETED, fields, outcome="completed")
+            except GpuctlError as exc:
+                error = exc
+        return None
 
     def _delete_object(self, key: str) -> None:
         bucket = self._s.require("bucket")

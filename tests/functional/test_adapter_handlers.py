@@ -251,3 +251,53 @@ def test_activity_reporter_writes_at_most_once_per_interval(aws):
     reporter.report("stopped")
     activity = gw.table.read_activity()
     assert (activity.adapter_state, activity.jobs_in_hand, activity.last_finished_at) == ("stopped", 0, 123.5)
+
+
+def _completing(params: dict[str, Any]) -> bool:
+    values = params.get("ExpressionAttributeValues", {})
+    return any(v == {"S": "completed"} for v in values.values())
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["write-lost", "answer-lost"])
+def test_a_completing_write_without_an_answer_is_finished_not_run_again(aws, gateways, monkeypatch, landed):
+    """The completing UpdateItem fails once with no answer (botocore's retries spent) — the write either never
+    reached the table or landed and only its answer was lost. The adapter reads the record and finishes what is
+    its own: completed once, its result kept, the message deleted, the GPU not asked to run the job again."""
+    import botocore.exceptions
+
+    from adapter import handlers
+
+    monkeypatch.setattr(handlers, "_PUBLISH_RETRY_DELAYS", (0.05, 0.05, 0.05))
+    # GIVEN a pending job and an adapter whose first completing write fails without an answer
+    task_id = submit(gateways)
+    backend = ScriptedBackend()
+    handler = make_handler(aws, backend)
+    failures: list[str] = []
+
+    def fail_once(params: dict[str, Any], **_: Any) -> None:
+        if _completing(params) and not failures:
+            failures.append("failed")
+            raise botocore.exceptions.ConnectionClosedError(endpoint_url="https://dynamodb.test")
+
+    events = handler._d.table._client.meta.events
+    if landed:  # the write is made, its answer never arrives
+        calls: list[dict[str, Any]] = []
+        events.register("before-parameter-build.dynamodb.UpdateItem", lambda params, **_: calls.append(params))
+
+        def lose_answer(http_response: Any, parsed: Any, model: Any, **_: Any) -> None:
+            if calls and _completing(calls[-1]) and not failures:
+                failures.append("answer lost")
+                raise botocore.exceptions.ReadTimeoutError(endpoint_url="https://dynamodb.test")
+
+        events.register("after-call.dynamodb.UpdateItem", lose_answer)
+    else:
+        events.register("before-parameter-build.dynamodb.UpdateItem", fail_once)
+    # WHEN its message is handled
+    outcome = handler.handle(receive_one(gateways))
+    # THEN the job completed once, with this attempt's result, which is still in the bucket
+    record = gateways.table.get(task_id)
+    assert failures and outcome == "completed" and backend.ran == [task_id]
+    assert record.status is JobStatus.COMPLETED and record.attempts == 1
+    assert record.result_s3_uri is not None
+    assert gateways.store.get_bytes(aws.bucket, record.result_s3_uri.split("/", 3)[3]) == PNG
+    assert gateways.queue.stats(include_dlq=False).visible == 0
