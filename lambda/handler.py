@@ -22,7 +22,10 @@ what it read: a submit or a finish that raced the decision cancels the stop.
 Environment:
     QUEUE_URL            job queue URL (required)
     TABLE_NAME           task table name (required)
-    INSTANCE_ID          GPU instance id (required)
+    INSTANCE_ID          GPU instance id (required, except in fleet mode)
+    FLEET_GROUP          fleet mode: the EC2 Auto Scaling group whose desired capacity is set from the backlog
+                         (fleet.py) instead of starting/stopping INSTANCE_ID
+    JOBS_PER_INSTANCE    fleet mode: queued or running jobs one instance is meant to own (default 4)
     DLQ_URL              dead-letter queue URL (optional; reported, never counted as work)
     IDLE_MINUTES         idle window in minutes (default 30; may be fractional)
     START_AFTER_SECONDS  how long a pending job waits before it starts a stopped instance whose queue cannot be
@@ -84,6 +87,7 @@ from decide import (
 )
 
 if TYPE_CHECKING:
+    from mypy_boto3_autoscaling import AutoScalingClient
     from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_sqs import SQSClient
@@ -165,10 +169,14 @@ class SchedulerConfig:
     schedule_minutes: float = 5.0
     region: str | None = None
     endpoint_url: str | None = None
+    fleet_group: str | None = None
+    jobs_per_instance: int = 4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SchedulerConfig:
-        missing = [name for name in ("QUEUE_URL", "TABLE_NAME", "INSTANCE_ID") if not env.get(name)]
+        fleet_group = (env.get("FLEET_GROUP") or "").strip() or None
+        required = ("QUEUE_URL", "TABLE_NAME") if fleet_group else ("QUEUE_URL", "TABLE_NAME", "INSTANCE_ID")
+        missing = [name for name in required if not env.get(name)]
         if missing:
             raise ValueError(f"missing required environment variable(s): {', '.join(missing)}")
         lost = env.get("LOST_AFTER_MINUTES")
@@ -177,7 +185,7 @@ class SchedulerConfig:
         return cls(
             queue_url=env["QUEUE_URL"],
             table_name=env["TABLE_NAME"],
-            instance_id=env["INSTANCE_ID"],
+            instance_id=env.get("INSTANCE_ID") or "",
             dlq_url=env.get("DLQ_URL") or None,
             status_index=env.get("STATUS_INDEX") or DEFAULT_INDEX,
             idle_minutes=_non_negative(env, "IDLE_MINUTES", 30.0),
@@ -190,6 +198,8 @@ class SchedulerConfig:
             reap=(env.get("REAP_LOST_JOBS") or "true").strip().lower() not in ("false", "0", "no", "off"),
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
+            fleet_group=fleet_group,
+            jobs_per_instance=_jobs_per_instance(env),
         )
 
     @property
@@ -199,6 +209,13 @@ class SchedulerConfig:
         return Policy(idle_seconds=idle, start_after_seconds=self.start_after_seconds,
                       clock_skew_seconds=self.clock_skew_seconds, lost_after_seconds=lost,
                       max_hold_seconds=self.max_hold_hours * 3600.0)
+
+
+def _jobs_per_instance(env: Mapping[str, str]) -> int:
+    raw = (env.get("JOBS_PER_INSTANCE") or "4").strip()
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"JOBS_PER_INSTANCE must be a whole number of at least 1, got {raw!r}")
+    return int(raw)
 
 
 def _non_negative(env: Mapping[str, str], name: str, default: float) -> float:
@@ -219,9 +236,10 @@ class Clients:
     ec2: EC2Client
     sqs: SQSClient
     dynamodb: DynamoDBClient
+    autoscaling: AutoScalingClient | None = None  # fleet mode only
 
 
-def make_clients(region: str | None = None, endpoint_url: str | None = None) -> Clients:
+def make_clients(region: str | None = None, endpoint_url: str | None = None, *, fleet: bool = False) -> Clients:
     """The one place the scheduler builds boto3 clients (bounded retries and timeouts)."""
     session = boto3.session.Session(region_name=region)
     cfg = BotoConfig(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=15)
@@ -229,13 +247,14 @@ def make_clients(region: str | None = None, endpoint_url: str | None = None) -> 
         ec2=session.client("ec2", endpoint_url=endpoint_url, config=cfg),
         sqs=session.client("sqs", endpoint_url=endpoint_url, config=cfg),
         dynamodb=session.client("dynamodb", endpoint_url=endpoint_url, config=cfg),
+        autoscaling=session.client("autoscaling", endpoint_url=endpoint_url, config=cfg) if fleet else None,
     )
 
 
 @functools.lru_cache(maxsize=4)
-def _warm_clients(region: str | None, endpoint_url: str | None) -> Clients:
+def _warm_clients(region: str | None, endpoint_url: str | None, fleet: bool = False) -> Clients:
     """Module-scope client cache: built lazily on the first invocation, reused while the Lambda is warm."""
-    return make_clients(region, endpoint_url)
+    return make_clients(region, endpoint_url, fleet=fleet)
 
 
 def _iso(epoch: float) -> str:
@@ -542,10 +561,14 @@ def _live(jobs: _OpenJobs | None, now: float) -> bool:
                                     for j in jobs.jobs)
 
 
-def gather(config: SchedulerConfig, clients: Clients, run: _Run, now: float) -> Gathered:
-    """Read every fact the decision needs; each one that cannot be read becomes unknown (never zero)."""
+def gather(config: SchedulerConfig, clients: Clients, run: _Run, now: float, *,
+           read_instance: Callable[[], _Instance] | None = None, instance_fact: str = "instance") -> Gathered:
+    """Read every fact the decision needs; each one that cannot be read becomes unknown (never zero).
+
+    ``read_instance`` replaces the EC2 read (fleet mode: the Auto Scaling group stands for the instance).
+    """
     policy = config.policy
-    instance = run.read("instance", lambda: _instance(clients.ec2, config.instance_id))
+    instance = run.read(instance_fact, read_instance or (lambda: _instance(clients.ec2, config.instance_id)))
     counts = run.read("queue", lambda: _queue_counts(clients.sqs, config.queue_url))
     dlq_url = config.dlq_url
     dlq = run.read("dead-letter queue", lambda: _queue_counts(clients.sqs, dlq_url)) if dlq_url else None
@@ -810,6 +833,10 @@ def run_once(
     """
     at = time.time() if now is None else now
     run = _Run()
+    if config.fleet_group:
+        import fleet  # fleet mode: the group's desired capacity instead of one instance
+
+        return fleet.run_once(config, clients, run, at, trigger)
     gathered = gather(config, clients, run, at)
     facts, reaped = _reap_lost(config, clients, gathered, run, at)
     if gathered.marker_update:
@@ -846,7 +873,7 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     """AWS Lambda entry point (handler ``handler.lambda_handler``)."""
     logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
     config = SchedulerConfig.from_env(os.environ)
-    clients = _warm_clients(config.region, config.endpoint_url)
+    clients = _warm_clients(config.region, config.endpoint_url, bool(config.fleet_group))
     if event_kind(event) == "ec2_state":
         # A state change is recorded, not decided on (the schedule and the alarm decide).
         logging.getLogger("gpuctl.history").setLevel(logger.level)
