@@ -352,3 +352,23 @@ def create_history_table(session: Any, endpoint_url: str | None = None) -> str:
     ddb.update_time_to_live(TableName=HISTORY_TABLE,
                             TimeToLiveSpecification={"AttributeName": "expires_at", "Enabled": True})
     return HISTORY_TABLE
+
+
+FLEET_GROUP = "gpuctl-fleet"
+
+
+def create_fleet_group(session: Any, endpoint_url: str | None = None, *, name: str = FLEET_GROUP,
+                       max_size: int = 4) -> str:
+    """An Auto Scaling group at 0 (min 0) over two subnets with a launch template, as fleet mode deploys it."""
+    kw = {"endpoint_url": endpoint_url} if endpoint_url else {}
+    ec2 = session.client("ec2", region_name=REGION, **kw)
+    autoscaling = session.client("autoscaling", region_name=REGION, **kw)
+    vpc = ec2.create_vpc(CidrBlock="10.13.0.0/16")["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.13.{n}.0/24", AvailabilityZone=f"{REGION}{z}")
+               ["Subnet"]["SubnetId"] for n, z in ((1, "a"), (2, "b"))]
+    template = ec2.create_launch_template(LaunchTemplateName=f"{name}-lt", LaunchTemplateData={
+        "ImageId": "ami-12c6146b", "InstanceType": "g5.xlarge"})["LaunchTemplate"]["LaunchTemplateId"]
+    autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName=name, MinSize=0, MaxSize=max_size, DesiredCapacity=0,
+        LaunchTemplate={"LaunchTemplateId": template, "Version": "$Latest"}, VPCZoneIdentifier=",".join(subnets))
+    return name

@@ -92,7 +92,7 @@ def test_protected_instances_are_never_scaled_in() -> None:
 
 
 def test_an_active_floor_holds_capacity_and_blocks_zero() -> None:
-    """GIVEN `fleet scale 2 --for 2h` (an active floor) WHEN the fleet is idle THEN it stays at 2, and from 0 goes to 2."""
+    """GIVEN an active floor of 2 WHEN the fleet is idle THEN it stays at 2; from 0 it goes to 2."""
     held = facts(hold_until=NOW + 3600)
     assert decide_capacity(held, group(2, floor=2), NOW, POLICY, FLEET).action == "none"
     assert decide_capacity(held, group(0, floor=2), NOW, POLICY, FLEET).desired == 2
