@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     scheduler_log_group: str | None = _env("GPUCTL_SCHEDULER_LOG_GROUP")
     #: The instance's recorded state changes (`gpuctl cost`); deploy records it from the stack.
     history_table: str | None = _env("GPUCTL_HISTORY_TABLE")
+    #: Fleet mode (issue 13): the EC2 Auto Scaling group of GPU instances; deploy --fleet records it. Set, every
+    #: command works with the group instead of instance_id.
+    fleet_group: str | None = _env("GPUCTL_FLEET_GROUP")
     stack_name: str = "gpuctl"
 
     inputs_prefix: str = "inputs/"
@@ -143,6 +146,7 @@ SETTING_HELP: dict[str, tuple[str, str]] = {
     "endpoint_url": ("AWS endpoint URL", "GPUCTL_ENDPOINT_URL"),
     "scheduler_log_group": ("scheduler log group", "GPUCTL_SCHEDULER_LOG_GROUP"),
     "history_table": ("instance history table", "GPUCTL_HISTORY_TABLE"),
+    "fleet_group": ("fleet mode's Auto Scaling group", "GPUCTL_FLEET_GROUP"),
 }
 
 

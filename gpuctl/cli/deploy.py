@@ -71,6 +71,27 @@ def deploy(
     results_expire_days: Annotated[int | None, typer.Option(
         "--results-expire-days", min=0, max=3650, help="Delete results after this many days (new stack: 0, keep).",
         show_default=False)] = None,
+    fleet: Annotated[bool, typer.Option(
+        "--fleet", help="Fleet mode: an EC2 Auto Scaling group (min 0, a warm pool of stopped instances) sized "
+                        "from the backlog, instead of one instance. Needs --max-instances and --subnets.")] = False,
+    max_instances: Annotated[int | None, typer.Option(
+        "--max-instances", min=0, max=100, help="Fleet mode: the group's maximum size (0: back to "
+                                                "single-instance mode, with --instance-id).",
+        show_default=False)] = None,
+    launch_template: Annotated[str | None, typer.Option(
+        "--launch-template", help="Fleet mode: the launch template (lt-...) of the GPU instances.",
+        show_default=False)] = None,
+    ami: Annotated[str | None, typer.Option(
+        "--ami", help="Fleet mode without --launch-template: the GPU instances' AMI.", show_default=False)] = None,
+    instance_type: Annotated[str | None, typer.Option(
+        "--instance-type", help="Fleet mode: instance type(s), comma-separated, at most 3, in order of preference "
+                                "(e.g. g5.xlarge,g6.xlarge).", show_default=False)] = None,
+    subnets: Annotated[str | None, typer.Option(
+        "--subnets", help="Fleet mode: comma-separated subnet ids (several Availability Zones).",
+        show_default=False)] = None,
+    jobs_per_instance: Annotated[int | None, typer.Option(
+        "--jobs-per-instance", min=1, max=1000, help="Fleet mode: queued or running jobs per instance "
+                                                     "(new stack: 4).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the change set, change nothing.")] = False,
     yes: YesOpt = False,
     output: OutputOpt = None,
@@ -97,6 +118,9 @@ def deploy(
         --existing-bucket short-drama-assets
 
         gpuctl --endpoint-url http://127.0.0.1:5000 deploy --instance-id i-0123456789abcdef0 --yes
+
+        gpuctl deploy --fleet --max-instances 4 --ami ami-0123456789abcdef0 --instance-type g5.xlarge,g6.xlarge
+        --subnets subnet-0a1b2c3d,subnet-4e5f6a7b
     """
     from gpuctl.services.deploy import Existing
     from gpuctl.services.deploy import deploy as run_deploy
@@ -105,15 +129,41 @@ def deploy(
     app_state.allow_new_profile()  # deploy is how a new profile gets its settings
     _need_confirmation_channel(yes or dry_run, "deploy")
     existing = Existing(existing_queue_url, existing_dlq_url, existing_table, existing_bucket)
+    fleet_spec = _fleet_spec(fleet, max_instances, launch_template, ami, instance_type, subnets, jobs_per_instance)
     with _Progress(out, "Deploying…", yes=yes) as progress:
         result = run_deploy(
             app_state.gateways.clients, app_state.settings, stack_name=stack, instance_id=instance_id,
             idle_minutes=idle_minutes, enable_cdn=enable_cdn, max_receive_count=max_receive_count,
             existing_resources=existing, cdn_certificate_arn=cdn_certificate_arn, cdn_domain=cdn_domain,
-            results_expire_days=results_expire_days,
+            results_expire_days=results_expire_days, fleet=fleet_spec,
             dry_run=dry_run, review=progress.review, on_event=progress.event, on_step=progress.step,
         )
     _render_deploy(out, result)
+
+
+def _split(raw: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (raw or "").split(",") if p.strip())
+
+
+def _fleet_spec(fleet: bool, max_instances: int | None, launch_template: str | None, ami: str | None,
+                instance_type: str | None, subnets: str | None, jobs_per_instance: int | None) -> Any:
+    """The FleetSpec of the fleet flags (None: none given, the stack keeps its mode)."""
+    from gpuctl.services.deploy import FleetSpec
+
+    fleet_only = {"--launch-template": launch_template, "--ami": ami, "--instance-type": instance_type,
+                  "--subnets": subnets, "--jobs-per-instance": jobs_per_instance}
+    if not fleet:
+        given = [flag for flag, value in fleet_only.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} is a fleet-mode option: add --fleet.")
+        if max_instances is None:
+            return None
+        if max_instances != 0:
+            raise UsageError("--max-instances needs --fleet (or is 0, to go back to single-instance mode).")
+        return FleetSpec(0)
+    if not max_instances:
+        raise UsageError("--fleet needs --max-instances N (at least 1): the group's largest size.")
+    return FleetSpec(max_instances, launch_template, ami, _split(instance_type), _split(subnets), jobs_per_instance)
 
 
 def _render_deploy(out: Renderer, result: DeployResult) -> None:

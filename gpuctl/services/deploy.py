@@ -42,6 +42,7 @@ __all__ = [
     "DestroyPlan",
     "DestroyResult",
     "Existing",
+    "FleetSpec",
     "KeptData",
     "LambdaBundle",
     "build_lambda_zip",
@@ -65,6 +66,7 @@ OUTPUT_SETTINGS: dict[str, str] = {
     "Region": "region",
     "LogGroupName": "scheduler_log_group",
     "HistoryTableName": "history_table",
+    "FleetGroupName": "fleet_group",
 }
 # Only CAPABILITY_IAM is needed today (generated IAM names); NAMED_IAM keeps a template that names its
 # roles deployable too. Both are acknowledgements, not permissions.
@@ -251,6 +253,54 @@ def _check_bucket(clients: AwsClients, bucket: str, region: str) -> None:
         raise translate(exc, f"the bucket {bucket}") from exc
 
 
+# --- fleet mode (issue 13) -------------------------------------------------------------------------
+
+#: The template's instance-type parameters (a mixed-instances policy of up to this many types).
+MAX_FLEET_TYPES = 3
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """``gpuctl deploy --fleet``: an Auto Scaling group instead of one instance (``max_instances`` 0: back to
+    single-instance mode)."""
+
+    max_instances: int
+    launch_template: str | None = None
+    ami: str | None = None
+    instance_types: tuple[str, ...] = ()
+    subnets: tuple[str, ...] = ()
+    jobs_per_instance: int | None = None
+
+    def check(self) -> None:
+        """Raises: UsageError: one sentence naming what is missing or wrong."""
+        if self.max_instances == 0:
+            return
+        if not self.subnets:
+            raise UsageError("--fleet needs --subnets (one or more subnet ids, ideally in several Availability "
+                             "Zones, e.g. --subnets subnet-0a1b,subnet-2c3d).")
+        if not self.launch_template and not (self.ami and self.instance_types):
+            raise UsageError("--fleet needs --launch-template ID, or --ami AMI with --instance-type TYPE.")
+        if self.launch_template and self.ami:
+            raise UsageError("Give --launch-template or --ami, not both (the launch template names its AMI).")
+        if len(self.instance_types) > MAX_FLEET_TYPES:
+            raise UsageError(f"--instance-type takes at most {MAX_FLEET_TYPES} types, got "
+                             f"{len(self.instance_types)}.")
+
+    def parameters(self) -> dict[str, str | None]:
+        if self.max_instances == 0:
+            return {"FleetMaxInstances": "0"}
+        types = [*self.instance_types, "", "", ""][:MAX_FLEET_TYPES]
+        return {
+            "FleetMaxInstances": str(self.max_instances),
+            "FleetSubnets": ",".join(self.subnets),
+            "FleetLaunchTemplateId": self.launch_template or "",
+            "FleetAmiId": self.ami or "",
+            **{f"FleetInstanceType{i + 1}": t for i, t in enumerate(types)},
+            "FleetJobsPerInstance": None if self.jobs_per_instance is None else str(self.jobs_per_instance),
+            "InstanceId": "",  # the group replaces the single instance
+        }
+
+
 # --- deploy ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -352,8 +402,8 @@ def _profile_values(settings: Settings, stack_name: str, outputs: Mapping[str, s
     for output, setting in OUTPUT_SETTINGS.items():
         if output in outputs:
             values[setting] = outputs[output]
-        elif output == "CdnDomain":
-            values[setting] = None  # the CDN is off: forget a domain from an earlier deploy
+        elif output in ("CdnDomain", "FleetGroupName"):
+            values[setting] = None  # the CDN is off / single-instance mode: forget it from an earlier deploy
     if settings.endpoint_url:
         values["endpoint_url"] = settings.endpoint_url
     return values
@@ -381,6 +431,7 @@ def deploy(
     cdn_certificate_arn: str | None = None,
     cdn_domain: str | None = None,
     results_expire_days: int | None = None,
+    fleet: FleetSpec | None = None,
     dry_run: bool = False,
     review: Callable[[DeployPlan], bool] | None = None,
     on_event: Callable[[StackEvent], None] | None = None,
@@ -398,7 +449,8 @@ def deploy(
     computed, returned and deleted, and a new stack's empty REVIEW_IN_PROGRESS shell is deleted too.
 
     ``existing_resources`` names the running system's queue, table and bucket to use instead of creating them (checked
-    first, see :func:`check_existing`).
+    first, see :func:`check_existing`). ``fleet`` deploys fleet mode (an Auto Scaling group, see
+    :class:`FleetSpec`); the profile then records the group as ``fleet_group``.
 
     Raises:
         UsageError: a required value is missing, an existing resource is missing or incomplete, or
@@ -430,6 +482,10 @@ def deploy(
     template = _template_source(body, artifacts, name, settings, step)
     declared = {p.key: p.default for p in stacks.template_parameters(
         body=template.get("TemplateBody"), url=template.get("TemplateURL"))}
+    if fleet is not None:
+        fleet.check()
+        if instance_id and fleet.max_instances:
+            raise UsageError("--instance-id is for single-instance mode; fleet mode launches its own instances.")
     given = existing_resources or Existing()
     if given != Existing():
         given = check_existing(clients, given, region=region, account=account)
@@ -444,8 +500,14 @@ def deploy(
         "LambdaCodeBucket": artifacts.name,
         "LambdaCodeKey": bundle.key,
         **given.parameters(),
+        **(fleet.parameters() if fleet is not None else {}),
     }
+    if fleet is not None and fleet.max_instances == 0 and overrides["InstanceId"] is None:
+        overrides["InstanceId"] = current.get("InstanceId") or None
     effective = _effective_parameters(declared, current, overrides)
+    if effective.get("FleetMaxInstances", "0") == "0" and not effective.get("InstanceId"):
+        raise UsageError("The stack needs a value for its parameter InstanceId (pass --instance-id, or set "
+                         "GPU_INSTANCE_ID).")
     _check_cdn(effective)
     wanted = _explicit(effective, declared)
     if effective.get("InstanceId") and effective["InstanceId"] != current.get("InstanceId"):

@@ -105,7 +105,7 @@ API_TO_IAM = {
     "s3:CompleteMultipartUpload": "s3:PutObject",
 }
 # Actions that AWS does not allow to be scoped to a resource: Resource "*" is required and allowed for them.
-UNSCOPABLE_PREFIXES = ("ec2:Describe",)
+UNSCOPABLE_PREFIXES = ("ec2:Describe", "autoscaling:Describe")
 
 
 # ------------------------------------------------------------------------------------------- helpers
