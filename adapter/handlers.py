@@ -177,6 +177,8 @@ class MessageHandler:
         # started_at: when this attempt took the job (gpuctl cost report measures GPU time from it).
         fields = {"worker": self._s.worker_id, "attempt_token": token, "heartbeat_at": claimed_at,
                   "started_at": claimed_at, "progress": 0.0}
+        if self._s.fleet_group and self._s.instance_id:
+            fields["instance_id"] = self._s.instance_id  # fleet mode: which instance runs it (adapter.fleet)
         if msg.receive_count >= limit:
             # The last receive SQS allows: never run on it (see the module docstring).
             try:

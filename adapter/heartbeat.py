@@ -31,6 +31,7 @@ from gpuctl.errors import GpuctlError, NotFound
 from gpuctl.models import JobStatus
 
 if TYPE_CHECKING:
+    from adapter.fleet import FleetMember
     from adapter.settings import AdapterSettings
     from gpuctl.aws.dynamo import JobTable
     from gpuctl.aws.sqs import JobQueue
@@ -124,13 +125,15 @@ class Heartbeat(threading.Thread):
     """The heartbeat thread (start it once; ``stop()`` at shutdown)."""
 
     def __init__(self, settings: AdapterSettings, table: JobTable, queue: JobQueue,
-                 activity: ActivityReporter | None = None, stopping: threading.Event | None = None) -> None:
+                 activity: ActivityReporter | None = None, stopping: threading.Event | None = None,
+                 member: FleetMember | None = None) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self._stopping = stopping
         self._settings = settings
         self._table = table
         self._queue = queue
         self.activity = activity
+        self.member = member  # fleet mode: scale-in protection and drain (adapter.fleet)
         self._jobs: dict[str, ActiveJob] = {}
         self._lock = threading.Lock()
         self._halt = threading.Event()
@@ -162,6 +165,8 @@ class Heartbeat(threading.Thread):
                 if self._stopping is not None and self._stopping.is_set():
                     self.activity.report("draining")  # at once, not after the long poll in progress returns
                 self.activity.tick()
+            if self.member is not None:
+                self.member.tick(len(self.active()))
 
     def beat(self, job: ActiveJob) -> None:
         """Extend visibility, write heartbeat/progress or read the record of one job, when due."""

@@ -11,6 +11,8 @@
   hand get ``shutdown_grace`` seconds to finish; then they are interrupted and their messages released
   (see ``adapter.handlers``), and the loop returns.
 * The activity marker says ``running`` while it polls, ``draining`` from SIGTERM on and ``stopped`` at the end.
+* Fleet mode (``fleet_group``): scale-in protection while it holds work, and a scale-in of its instance drains it
+  like SIGTERM, then completes the lifecycle action (``adapter.fleet``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from adapter.backends import BackendNotReady, wait_until_ready
 from adapter.errors import StopReason
+from adapter.fleet import start_member
 from adapter.handlers import MessageHandler
 from adapter.heartbeat import ActivityReporter, Heartbeat
 from gpuctl.errors import GpuctlError
@@ -41,6 +44,11 @@ _MAX_ERROR_BACKOFF = 30.0
 def run(deps: Deps, stop: threading.Event) -> int:
     """Serve the queue until ``stop`` is set; return the process exit code."""
     settings = deps.settings
+    try:
+        member = start_member(settings, stop)
+    except GpuctlError as exc:
+        log.error("adapter.config_error", extra={"error": str(exc)})
+        return 2
     what = f"the {settings.backend.value} backend at {settings.base_url}"
     try:
         report = wait_until_ready(deps.backend, stop, what=what, timeout=settings.ready_timeout,
@@ -53,7 +61,7 @@ def run(deps: Deps, stop: threading.Event) -> int:
         return 1
     log.info("adapter.backend_ready", extra={**report.to_dict()})
     activity = ActivityReporter(settings, deps.table)
-    heartbeat = Heartbeat(settings, deps.table, deps.queue, activity, stop)
+    heartbeat = Heartbeat(settings, deps.table, deps.queue, activity, stop, member)
     heartbeat.start()
     handler = MessageHandler(deps, heartbeat)
     log.info("adapter.started", extra={"worker": settings.worker_id, "backend": settings.backend.value,
@@ -89,6 +97,8 @@ def run(deps: Deps, stop: threading.Event) -> int:
     # Never block on a job thread that ignored its interrupt; __main__ deals with leftovers.
     pool.shutdown(wait=False, cancel_futures=True)
     heartbeat.stop()
+    if member is not None:
+        member.after_drain()
     activity.report("stopped")
     log.info("adapter.stopped", extra={"worker": settings.worker_id})
     return 0

@@ -378,6 +378,8 @@ class JobRecord(BaseModel):
     #: A job `gpuctl doctor --canary` submitted to test the pipeline (not the team's work).
     canary: bool = False
     queued: bool | None = None
+    #: Fleet mode: the EC2 instance whose adapter claimed the job (its last attempt).
+    instance_id: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -431,6 +433,7 @@ class JobRecord(BaseModel):
             "progress": self.progress,
             "attempts": self.attempts,
             "worker": self.worker,
+            "instance_id": self.instance_id,
             "retry_of": self.retry_of,
             "canary": self.canary,
         }

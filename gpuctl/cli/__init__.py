@@ -130,10 +130,10 @@ COMPLETE_VAR = "_GPUCTL_COMPLETE"
 
 def _add(root_app: typer.Typer, group: str) -> None:
     """Register one top-level command (or group of commands) on ``root_app``."""
-    from gpuctl.cli import adapter, config, cost, deploy, doctor, instance, jobs, local, queue, submit
+    from gpuctl.cli import adapter, config, cost, deploy, doctor, fleet, instance, jobs, local, queue, submit
 
     sub_apps = {"submit": submit.app, "instance": instance.app, "queue": queue.app, "config": config.app,
-                "adapter": adapter.app, "cost": cost.app}
+                "adapter": adapter.app, "cost": cost.app, "fleet": fleet.app}
     if group in sub_apps:
         root_app.add_typer(sub_apps[group], name=group)
     elif group == "jobs":
@@ -157,9 +157,9 @@ def _add(root_app: typer.Typer, group: str) -> None:
 _GROUP_OF = {"submit": "submit", "status": "jobs", "watch": "jobs", "result": "jobs", "jobs": "jobs",
              "instance": "instance", "queue": "queue", "deploy": "deploy", "destroy": "deploy", "stack": "deploy",
              "config": "config", "local": "local", "demo": "local", "adapter": "adapter", "completion": "completion",
-             "serve": "serve", "cost": "cost", "doctor": "doctor"}
-_GROUPS = ("submit", "jobs", "instance", "queue", "cost", "doctor", "deploy", "config", "local", "adapter", "serve",
-           "completion")
+             "serve": "serve", "cost": "cost", "doctor": "doctor", "fleet": "fleet"}
+_GROUPS = ("submit", "jobs", "instance", "fleet", "queue", "cost", "doctor", "deploy", "config", "local", "adapter",
+           "serve", "completion")
 #: Root options that take a value (the command name is the first argument that is neither these nor a flag).
 _VALUE_OPTIONS = frozenset({"--profile", "--region", "--endpoint-url", "--output", "-o"})
 

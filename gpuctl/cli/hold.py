@@ -36,6 +36,9 @@ def hold(
 
         gpuctl instance hold --for 30m --output json
     """
+    from gpuctl.services.fleet import not_in_fleet_mode
+
+    not_in_fleet_mode(state(ctx).gateways, "hold")
     from gpuctl.services.hold import hold as set_hold
 
     out = state(ctx).renderer(output, quiet)
@@ -61,6 +64,9 @@ def release(ctx: typer.Context, output: OutputOpt = None,
 
         gpuctl instance release
     """
+    from gpuctl.services.fleet import not_in_fleet_mode
+
+    not_in_fleet_mode(state(ctx).gateways, "release")
     from gpuctl.services.hold import release as end_hold
 
     out = state(ctx).renderer(output, quiet)
@@ -85,6 +91,9 @@ def why_stopped(ctx: typer.Context, output: OutputOpt = None,
 
         gpuctl instance why-stopped --output json | jq -r .stopped_reason
     """
+    from gpuctl.services.fleet import not_in_fleet_mode
+
+    not_in_fleet_mode(state(ctx).gateways, "why-stopped")
     from gpuctl.services.hold import why_stopped as last_stop
 
     out = state(ctx).renderer(output, quiet)

@@ -32,6 +32,9 @@ def status(ctx: typer.Context, output: OutputOpt = None,
 
         gpuctl instance status --output json | jq .busy
     """
+    from gpuctl.services.fleet import not_in_fleet_mode
+
+    not_in_fleet_mode(state(ctx).gateways, "status")
     from gpuctl.services.instance import instance_status
 
     out = state(ctx).renderer(output, quiet)
@@ -55,6 +58,9 @@ def start(ctx: typer.Context, wait: WaitOpt = False, timeout: TimeoutOpt = 600.0
 
         gpuctl instance start --wait
     """
+    from gpuctl.services.fleet import not_in_fleet_mode
+
+    not_in_fleet_mode(state(ctx).gateways, "start")
     from gpuctl.services.instance import start_instance
     from gpuctl.services.watch import check_wait_options
 
@@ -83,6 +89,9 @@ def stop(
 
         gpuctl instance stop --force --wait
     """
+    from gpuctl.services.fleet import not_in_fleet_mode
+
+    not_in_fleet_mode(state(ctx).gateways, "stop")
     from gpuctl.services.instance import stop_instance
     from gpuctl.services.watch import check_wait_options
 

@@ -354,9 +354,11 @@ def list_(
     elif not records:
         out.note("No jobs match.")
     else:
-        out.table(["Job", "Type", "Status", "Created", "Updated", "Result / error"],
+        # Fleet mode: which instance ran each job (a column only when some record names one).
+        fleet = any(r.instance_id for r in records)
+        out.table(["Job", "Type", "Status", "Created", "Updated", *(["Instance"] if fleet else []), "Result / error"],
                   ([r.task_id, f"{r.kind} (canary)" if r.canary else r.kind, job_state(r), when(r.created_at),
-                    when(r.updated_at),
+                    when(r.updated_at), *([r.instance_id or ""] if fleet else []),
                     r.result_s3_uri or r.error_message] for r in records))
         out.note(f"{len(records)} job{'s' if len(records) != 1 else ''}.")
     if page.next_token:
@@ -460,6 +462,7 @@ def _record_pairs(record: JobRecord) -> list[tuple[str, Any]]:
         ("cancel requested", "yes" if record.cancel_requested and not record.status.is_finished else None),
         ("attempts", record.attempts or None),
         ("worker", record.worker),
+        ("instance", record.instance_id),
         ("retry of", record.retry_of),
         ("canary", "yes (gpuctl doctor --canary)" if record.canary else None),
     ]

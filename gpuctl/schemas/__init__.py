@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
     "instance release": "hold_released",
     "instance why-stopped": "why_stopped",
     "instance decisions": "decisions",
+    "fleet status": "fleet_status",
+    "fleet scale": "fleet_scale",
     "queue stats": "queue_stats",
     "queue redrive": "queue_redrive",
     "queue purge": "queue_purge",

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gpuctl.aws._session import AwsClients
+    from gpuctl.aws.autoscaling import FleetGroup
     from gpuctl.aws.dynamo import JobTable
     from gpuctl.aws.ec2 import GpuInstance
     from gpuctl.aws.history import InstanceHistory
@@ -43,6 +44,13 @@ class Gateways:
         from gpuctl.aws.ec2 import GpuInstance
 
         return GpuInstance(self.clients.ec2, self.settings.require("instance_id"))
+
+    @functools.cached_property
+    def fleet(self) -> FleetGroup:
+        """Fleet mode's Auto Scaling group (setting ``fleet_group``)."""
+        from gpuctl.aws.autoscaling import FleetGroup
+
+        return FleetGroup(self.clients.client("autoscaling"), self.settings.require("fleet_group"))
 
     @functools.cached_property
     def history(self) -> InstanceHistory:

@@ -410,6 +410,10 @@ def _make_sure_it_runs(gw: Gateways, start_instance: bool, stopping_wait: float 
         return (StartOutcome("already-running", "running") if start_instance else None), True
     if not start_instance:
         return None, False
+    if gw.settings.fleet_group:
+        from gpuctl.services.fleet import ensure_capacity
+
+        return ensure_capacity(gw), False  # fleet mode: 0 -> 1; the scheduler sizes it from the backlog
     if not gw.settings.instance_id:
         return StartOutcome("skipped", warning="no GPU instance id is configured (GPU_INSTANCE_ID); the job is "
                                                "queued but nothing was started"), False
