@@ -158,9 +158,8 @@ def decide_capacity(facts: Facts, group: GroupView | None, now: float, policy: P
 
     if current <= 0:
         started = decide(dataclasses.replace(facts, instance_state="stopped"), now, policy)
-        want = target if known else 0
-        if started.action == "start":
-            want = max(want, 1)
+        # As for a stopped instance: in-flight messages alone do not wake the fleet (they become visible again).
+        want = max(target if known else 1, 1) if started.action == "start" else 0
         want = min(hi, max(want, lo))
         if want > 0:
             if started.action == "start":

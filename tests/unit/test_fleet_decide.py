@@ -100,6 +100,12 @@ def test_an_active_floor_holds_capacity_and_blocks_zero() -> None:
     assert decide_capacity(expired, group(2, floor=2), NOW, POLICY, FLEET).desired == 0
 
 
+def test_from_zero_in_flight_messages_alone_do_not_scale_out() -> None:
+    """GIVEN a fleet at 0 and only in-flight messages WHEN decided THEN it stays at 0 (as a stopped instance would)."""
+    decision = decide_capacity(facts(queue_in_flight=3), group(0), NOW, POLICY, FLEET)
+    assert decision.action == "none"
+
+
 def test_from_zero_pending_job_without_a_message_does_not_scale_out() -> None:
     """GIVEN a pending job whose message is gone and an empty queue WHEN decided THEN the fleet stays at 0."""
     decision = decide_capacity(facts(jobs_pending=1), group(0), NOW, POLICY, FLEET)
