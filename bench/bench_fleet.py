@@ -97,6 +97,7 @@ class World:
     last_finish: float | None = None
     last_start: float | None = None
     decisions: int = 0
+    starts: int = 0
 
     @property
     def single(self) -> bool:
@@ -105,6 +106,7 @@ class World:
     def start_instance(self, now: float) -> None:
         self.instances.append(Instance(now, now + BOOT_SECONDS))
         self.last_start = now
+        self.starts += 1
 
     def stop_instance(self, inst: Instance, now: float) -> None:
         self.billed += now - inst.started
@@ -140,7 +142,7 @@ class World:
         hours = self.billed / 3600
         return {"gpu_hours": hours, "p50": statistics.median(self.waits), "p95": _pct(self.waits, 0.95),
                 "max": max(self.waits), "jobs_per_gpu_hour": len(self.waits) / hours if hours else 0.0,
-                "decisions": self.decisions}
+                "decisions": self.decisions, "starts": self.starts}
 
     def on_submit(self, t: float) -> None:
         if self.single:
@@ -195,14 +197,15 @@ def simulate() -> None:
     busy = sum(d for _, d in jobs) / 3600
     print(f"Trace: {len(jobs)} jobs, {busy:.2f} GPU-hours of work; boot {BOOT_SECONDS:.0f} s; idle window "
           f"{Policy().idle_seconds / 60:.0f} min; {FleetPolicy().jobs_per_instance} jobs per instance\n")
-    print("| Capacity | GPU-hours billed | submit → start p50 | p95 | max | jobs per GPU-hour | scheduler runs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| Capacity | GPU-hours billed | submit → start p50 | p95 | max | jobs per GPU-hour | instance starts | "
+          "scheduler runs |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in (0, 2, 4, 8):
         started = time.perf_counter()
         r = World(jobs, size).run()
         name = "1 instance (single mode, 5-min schedule)" if size == 0 else f"fleet of up to {size} (1-min schedule)"
         print(f"| {name} | {r['gpu_hours']:.2f} | {r['p50']:.0f} s | {r['p95'] / 60:.1f} min | "
-              f"{r['max'] / 60:.1f} min | {r['jobs_per_gpu_hour']:.0f} | {r['decisions']:.0f} "
+              f"{r['max'] / 60:.1f} min | {r['jobs_per_gpu_hour']:.0f} | {r['starts']:.0f} | {r['decisions']:.0f} "
               f"({time.perf_counter() - started:.1f} s to simulate) |")
 
 

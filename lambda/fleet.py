@@ -25,8 +25,6 @@ scales in (back to the warm pool) accordingly. :func:`decide_capacity` is pure; 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,8 +47,6 @@ __all__ = [
     "floor_of",
     "run_once",
 ]
-
-logger = logging.getLogger("gpuctl.scheduler")
 
 FLOOR_TAG = "gpuctl:floor"
 FLOOR_UNTIL_TAG = "gpuctl:floor-until"
@@ -240,18 +236,12 @@ def run_once(config: SchedulerConfig, clients: Clients, run: Any, at: float, tri
         return handler._Instance("running" if group.desired > 0 else "stopped", group.scaled_out_at,
                                  group.floor_until_raw if group.floor > 0 else None, group.floor_reason)
 
-    gathered = handler.gather(config, clients, run, at, read_instance=read_group, instance_fact="fleet group")
-    facts, reaped = handler._reap_lost(config, clients, gathered, run, at)
-    if gathered.marker_update:
-        try:
-            handler._update_marker(clients.dynamodb, config, gathered.marker_update)
-        except (ClientError, BotoCoreError) as exc:
-            run.errors.append({"fact": "record observations", "code": handler._code(exc), "message": str(exc)[:300]})
+    gathered, facts, reaped = handler.gather_and_reap(config, clients, run, at, read_instance=read_group,
+                                                      instance_fact="fleet group")
     group = holder["group"]
     decision = decide_capacity(facts, group, at, policy, fleet)
     outcome = _act(config, clients, decision, group, gathered, run, at)
-    record: dict[str, Any] = {
-        "event": "scheduler.decision",
+    head = {
         "mode": "fleet",
         "action": "scale" if decision.action == "set" else "none",
         "code": decision.code,
@@ -264,19 +254,9 @@ def run_once(config: SchedulerConfig, clients: Clients, run: Any, at: float, tri
         "max_size": group.max_size if group else None,
         "protected": group.protected if group else None,
         "jobs_per_instance": fleet.jobs_per_instance,
-        "trigger": trigger,
-        "decided_at": at,
-        "decided_at_iso": handler._iso(at),
-        "activity_source": gathered.activity_source,
-        "policy": dataclasses.asdict(policy),
-        "facts": {**dataclasses.asdict(facts), "unknown": list(facts.unknown)},
-        "reaped": reaped,
-        "warnings": run.warnings,
-        "errors": run.errors,
     }
-    level = logging.ERROR if run.errors else logging.INFO
-    logger.log(level, json.dumps(record, sort_keys=True, default=str), extra={"decision": record})
-    return record
+    return handler.log_record(head, config=config, trigger=trigger, at=at, gathered=gathered, facts=facts,
+                              reaped=reaped, run=run)
 
 
 def _act(config: SchedulerConfig, clients: Clients, decision: CapacityDecision, group: GroupView | None,

@@ -837,7 +837,19 @@ def run_once(
         import fleet  # fleet mode: the group's desired capacity instead of one instance
 
         return fleet.run_once(config, clients, run, at, trigger)
-    gathered = gather(config, clients, run, at)
+    gathered, facts, reaped = gather_and_reap(config, clients, run, at)
+    decision = decide(facts, at, config.policy)
+    outcome = _act(config, clients, decision, gathered, run, at)
+    head = {"action": decision.action, "code": decision.code, "reason": decision.reason, "outcome": outcome,
+            "instance_id": config.instance_id}
+    return log_record(head, config=config, trigger=trigger, at=at, gathered=gathered, facts=facts, reaped=reaped,
+                      run=run)
+
+
+def gather_and_reap(config: SchedulerConfig, clients: Clients, run: _Run, at: float,
+                    **how: Any) -> tuple[Gathered, Facts, list[dict[str, Any]]]:
+    """Gather (``how``: see :func:`gather`), fail the lost jobs, record the scheduler's observations."""
+    gathered = gather(config, clients, run, at, **how)
     facts, reaped = _reap_lost(config, clients, gathered, run, at)
     if gathered.marker_update:
         try:
@@ -845,15 +857,15 @@ def run_once(
         except (ClientError, BotoCoreError) as exc:
             # The values decided with are the ones meant to be written (each is "now", the cautious value).
             run.errors.append({"fact": "record observations", "code": _code(exc), "message": str(exc)[:300]})
-    decision = decide(facts, at, config.policy)
-    outcome = _act(config, clients, decision, gathered, run, at)
+    return gathered, facts, reaped
+
+
+def log_record(head: Mapping[str, Any], *, config: SchedulerConfig, trigger: str, at: float, gathered: Gathered,
+               facts: Facts, reaped: list[dict[str, Any]], run: _Run) -> dict[str, Any]:
+    """The run's one JSON decision record (``head``: what was decided and done), logged and returned."""
     record: dict[str, Any] = {
         "event": "scheduler.decision",
-        "action": decision.action,
-        "code": decision.code,
-        "reason": decision.reason,
-        "outcome": outcome,
-        "instance_id": config.instance_id,
+        **head,
         "trigger": trigger,
         "decided_at": at,
         "decided_at_iso": _iso(at),
