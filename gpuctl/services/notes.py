@@ -117,6 +117,12 @@ class SubmitNotes:
         self._hint = None
         log.warning("submit.adapter_not_polling", extra={"worker": activity.adapter_worker,
                                                          "adapter_state": activity.adapter_state})
+        if self._gw.settings.fleet_group:  # fleet mode (issue 13): raise the group from 0 to 1; never raises
+            from gpuctl.services.fleet import ensure_capacity
+
+            outcome = ensure_capacity(self._gw)
+            log.info("submit.fleet", extra={"action": outcome.action, "state": outcome.state})
+            return
         if not self._gw.settings.instance_id:
             return
         try:
