@@ -182,3 +182,14 @@ def test_bounds_protection_and_unknowns(world: tuple[Facts, GroupView, FleetPoli
     backlog = [f.queue_visible, f.queue_in_flight, f.queue_delayed]
     if all(n is not None for n in backlog) and any(backlog):
         assert decision.desired >= 1
+
+
+def test_the_lambda_and_the_cli_use_the_same_tag_names() -> None:
+    """GIVEN the Lambda's fleet module (it cannot import gpuctl) THEN its floor and scale-out tags are gpuctl's."""
+    import fleet
+    from gpuctl.aws import autoscaling
+    from gpuctl.services import fleet as fleet_service
+
+    assert (fleet.FLOOR_TAG, fleet.FLOOR_UNTIL_TAG, fleet.FLOOR_REASON_TAG) == (
+        autoscaling.FLOOR_TAG, autoscaling.FLOOR_UNTIL_TAG, autoscaling.FLOOR_REASON_TAG)
+    assert fleet.SCALED_OUT_AT_TAG == fleet_service.SCALED_OUT_AT_TAG
