@@ -52,8 +52,6 @@ class SubmitNotes:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._hint: Activity | None = None
-        #: Marker writes made (for logs, tests and benchmarks).
-        self.writes = 0
 
     def polling(self, now: float) -> Activity | None:
         """The marker as last seen, if it said an adapter polls (and no stop was fenced since), else None."""
@@ -101,7 +99,7 @@ class SubmitNotes:
             self._write()
 
     def _write(self) -> None:
-        from gpuctl.services.instance import ensure_running
+        from gpuctl.services.submit import start_for_work
 
         try:
             activity = self._gw.table.note_submit()
@@ -109,25 +107,16 @@ class SubmitNotes:
             log.warning("submit.activity_not_noted", extra={"error": str(exc)})
             self._hint = None  # unknown: the next submits note for themselves again
             return
-        finally:
-            self.writes += 1
         if activity.adapter_fresh(time.time()):
             self._hint = activity
             return
         self._hint = None
         log.warning("submit.adapter_not_polling", extra={"worker": activity.adapter_worker,
                                                          "adapter_state": activity.adapter_state})
-        if self._gw.settings.fleet_group:  # fleet mode (issue 13): raise the group from 0 to 1; never raises
-            from gpuctl.services.fleet import ensure_capacity
-
-            outcome = ensure_capacity(self._gw)
-            log.info("submit.fleet", extra={"action": outcome.action, "state": outcome.state})
-            return
-        if not self._gw.settings.instance_id:
-            return
         try:
-            outcome = ensure_running(self._gw, stopping_wait=0)
-        except GpuctlError as exc:
+            outcome = start_for_work(self._gw, stopping_wait=0)
+        except GpuctlError as exc:  # this thread must outlive it: later submits rely on its writes
             log.warning("submit.instance_not_started", extra={"error": str(exc)})
             return
-        log.info("submit.instance", extra={"action": outcome.action, "state": outcome.state})
+        log.info("submit.instance", extra={"action": outcome.action, "state": outcome.state,
+                                           "warning": outcome.warning})

@@ -65,6 +65,7 @@ __all__ = [
     "draft_job",
     "instance_document",
     "read_batch_file",
+    "start_for_work",
     "submit_batch",
     "submit_draft",
     "submit_request",
@@ -410,14 +411,20 @@ def _make_sure_it_runs(gw: Gateways, start_instance: bool, stopping_wait: float 
         return (StartOutcome("already-running", "running") if start_instance else None), True
     if not start_instance:
         return None, False
+    return start_for_work(gw, stopping_wait=stopping_wait), False
+
+
+def start_for_work(gw: Gateways, *, stopping_wait: float = STOPPING_WAIT_SECONDS) -> StartOutcome:
+    """Make sure a GPU will take queued work: start the instance, or raise a fleet from 0 to 1 (never raises for
+    instance trouble; the outcome says what happened)."""
     if gw.settings.fleet_group:
         from gpuctl.services.fleet import ensure_capacity
 
-        return ensure_capacity(gw), False  # fleet mode: 0 -> 1; the scheduler sizes it from the backlog
+        return ensure_capacity(gw)  # fleet mode: 0 -> 1; the scheduler sizes it from the backlog
     if not gw.settings.instance_id:
         return StartOutcome("skipped", warning="no GPU instance id is configured (GPU_INSTANCE_ID); the job is "
-                                               "queued but nothing was started"), False
-    return ensure_running(gw, stopping_wait=stopping_wait), False
+                                               "queued but nothing was started")
+    return ensure_running(gw, stopping_wait=stopping_wait)
 
 
 def _instance_error(outcome: StartOutcome | None, task_ids: Sequence[str], jobs: int) -> GpuctlError | None:
