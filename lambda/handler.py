@@ -891,7 +891,7 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
         logging.getLogger("gpuctl.history").setLevel(logger.level)
         change = history.record_event(event, history.HistoryConfig.from_env(os.environ), clients.ec2,
                                       clients.dynamodb)
-        if any(e["fact"] == "store state change" for e in change["errors"]):
+        if any(e["fact"] in ("store state change", "fleet membership") for e in change["errors"]):
             raise history.HistoryRecordFailed(f"the state change {change.get('state')} of "
                                               f"{change.get('instance_id')} was not stored: {change['errors']}")
         return change

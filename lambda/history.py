@@ -11,6 +11,8 @@ Lambda (``handler.lambda_handler`` dispatches them here). Each becomes one item 
     cause                   submit | scheduler | cli | <another gpuctl actor> | other
     by, reason              from the ``gpuctl:started-by/-reason`` or ``gpuctl:stopped-by/-reason`` tags
     instance_type           from DescribeInstances (the price of the running time depends on it)
+    group                   fleet mode: the Auto Scaling group the instance belongs to (what
+                            ``gpuctl cost report`` reads a fleet's history by)
     event_id, expires_at    the EventBridge event id; TTL (HISTORY_TTL_DAYS, default 400)
 
 Cause: gpuctl writes ``gpuctl:started-at/-by/-reason`` after every start it makes (submit, the scheduler,
@@ -22,9 +24,18 @@ Start/StopInstances call returns, so the first event of a change (``pending``, `
 before them; the second one (``running``, ``stopped``) comes seconds to minutes later and carries the cause,
 and ``gpuctl cost report`` takes an interval's cause from any of its events.
 
+Fleet mode (FLEET_GROUP set): EventBridge cannot filter events on tags, so the stack's rule passes every EC2
+state change of the account and region, and only the group's members are recorded: an instance whose
+``aws:autoscaling:groupName`` tag names FLEET_GROUP (warm-pool instances carry it too), or INSTANCE_ID. Any
+other instance is skipped (``skipped`` in the record, logged at DEBUG, nothing stored). When membership cannot
+be read (DescribeInstances failed), the record says so and the handler raises, so the event is retried rather
+than stored for an instance that may not be ours. A member started or stopped by Auto Scaling (no fresh gpuctl
+tag) has the cause ``autoscaling``, by the group.
+
 Environment: HISTORY_TABLE (required for recording; unset: events are logged and not stored),
-HISTORY_TTL_DAYS (default 400). Local mode (moto emits no EC2 events) builds the same event JSON from the
-state changes its scheduler loop observes (:func:`state_change_event`) and calls :func:`record_event`.
+HISTORY_TTL_DAYS (default 400), FLEET_GROUP and INSTANCE_ID (fleet mode, above). Local mode (moto emits no
+EC2 events) builds the same event JSON from the state changes its scheduler loop observes
+(:func:`state_change_event`) and calls :func:`record_event`.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DETAIL_TYPE",
+    "GROUP_TAG",
     "STATE_RANK",
     "HistoryConfig",
     "HistoryRecordFailed",
@@ -71,18 +83,25 @@ TAG_FRESH_SECONDS = 900.0
 TAG_SKEW_SECONDS = 60.0
 DEFAULT_TTL_DAYS = 400.0
 
+#: The tag Auto Scaling puts on every instance of a group (warm pool included).
+GROUP_TAG = "aws:autoscaling:groupName"
+
 #: gpuctl actors (the ``-by`` tags) and the cause each stands for.
 _ACTORS = {"gpuctl-scheduler": "scheduler", "gpuctl-cli": "cli"}
 
 
 class HistoryRecordFailed(RuntimeError):
-    """Raised by the handler after logging a state change that could not be stored (so the event is retried)."""
+    """Raised by the handler after logging a state change that could not be stored, or whose instance could not
+    be told apart from the account's other instances in fleet mode (so the event is retried)."""
 
 
 @dataclass(frozen=True)
 class HistoryConfig:
     table_name: str | None
     ttl_days: float = DEFAULT_TTL_DAYS
+    #: Fleet mode: record only this group's members (and ``instance_id``); None: record what the rule passes.
+    fleet_group: str | None = None
+    instance_id: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> HistoryConfig:
@@ -95,7 +114,8 @@ class HistoryConfig:
                 raise ValueError(f"HISTORY_TTL_DAYS must be a number, got {raw!r}") from None
             if not math.isfinite(ttl) or ttl < 1:
                 raise ValueError(f"HISTORY_TTL_DAYS must be at least 1, got {raw!r}")
-        return cls(env.get("HISTORY_TABLE") or None, ttl)
+        return cls(env.get("HISTORY_TABLE") or None, ttl, env.get("FLEET_GROUP") or None,
+                   env.get("INSTANCE_ID") or None)
 
 
 def is_state_change(event: Any) -> bool:
@@ -127,19 +147,22 @@ class Cause:
 
 
 def attribute(state: str, tags: Mapping[str, str], event_at: float) -> Cause:
-    """Who or what caused a change to ``state`` at ``event_at``, from the instance's gpuctl tags."""
+    """Who or what caused a change to ``state`` at ``event_at``, from the instance's gpuctl tags (an Auto
+    Scaling group's member without a fresh gpuctl tag: the group)."""
+    group = tags.get(GROUP_TAG) or None
+    unknown = Cause("autoscaling", group) if group else Cause("other")
     if state in START_STATES:
         prefix = "gpuctl:started-"
     elif state in STOP_STATES:
         prefix = "gpuctl:stopped-"
     else:
-        return Cause("other")
+        return unknown
     other = "gpuctl:stopped-at" if prefix == "gpuctl:started-" else "gpuctl:started-at"
     tagged_at, opposite_at = parse_time(tags.get(prefix + "at")), parse_time(tags.get(other))
     if tagged_at is None or not (event_at - TAG_FRESH_SECONDS <= tagged_at <= event_at + TAG_SKEW_SECONDS):
-        return Cause("other")
+        return unknown
     if opposite_at is not None and opposite_at > tagged_at:
-        return Cause("other")  # the tag is from an earlier change: a later opposite one came after it
+        return unknown  # the tag is from an earlier change: a later opposite one came after it
     by = tags.get(prefix + "by") or None
     reason = tags.get(prefix + "reason") or None
     if by == "gpuctl-cli" and reason == "job submitted":
@@ -148,13 +171,19 @@ def attribute(state: str, tags: Mapping[str, str], event_at: float) -> Cause:
     return Cause(cause, by, reason)
 
 
-def _describe(ec2: EC2Client, instance_id: str) -> tuple[dict[str, str], str | None]:
-    reservations = ec2.describe_instances(InstanceIds=[instance_id]).get("Reservations") or []
+def _describe(ec2: EC2Client, instance_id: str) -> tuple[dict[str, str], str | None] | None:
+    """The instance's tags and type; None when EC2 does not know it (any more)."""
+    try:
+        reservations = ec2.describe_instances(InstanceIds=[instance_id]).get("Reservations") or []
+    except ClientError as exc:
+        if _code(exc).startswith("InvalidInstanceID"):  # NotFound / Malformed
+            return None
+        raise
     for reservation in reservations:
         for instance in reservation.get("Instances", []):
             tags = {t["Key"]: t["Value"] for t in instance.get("Tags", []) if "Key" in t and "Value" in t}
             return tags, instance.get("InstanceType")
-    return {}, None
+    return None
 
 
 def record_event(event: Mapping[str, Any], config: HistoryConfig, ec2: EC2Client, ddb: DynamoDBClient,
@@ -178,15 +207,33 @@ def record_event(event: Mapping[str, Any], config: HistoryConfig, ec2: EC2Client
         logger.error(json.dumps(record, sort_keys=True, default=str))
         return record
     at = received if event_at is None else event_at
+    fleet = config.fleet_group is not None and instance_id != config.instance_id
+    tags: dict[str, str] = {}
     try:
-        tags, instance_type = _describe(ec2, instance_id)
+        described = _describe(ec2, instance_id)
+        tags, instance_type = described or ({}, None)
         cause = attribute(state, tags, at)
+        if described is None and not fleet:
+            cause = Cause("unknown")
+            errors.append({"fact": "instance tags", "code": "InvalidInstanceID.NotFound",
+                           "message": f"EC2 does not know {instance_id}"})
     except (ClientError, BotoCoreError) as exc:
-        instance_type, cause = None, Cause("unknown")
-        errors.append({"fact": "instance tags", "code": _code(exc), "message": str(exc)[:300]})
+        described, instance_type, cause = None, None, Cause("unknown")
+        errors.append({"fact": "fleet membership" if fleet else "instance tags", "code": _code(exc),
+                       "message": str(exc)[:300]})
+        if fleet:  # not known to be ours: retried, not stored
+            record["stored"] = False
+            logger.error(json.dumps(record, sort_keys=True, default=str))
+            return record
+    group = tags.get(GROUP_TAG) or None
+    if fleet and group != config.fleet_group:
+        record.update({"stored": False, "skipped": f"not a member of {config.fleet_group}"
+                       + (f" (of {group})" if group else "" if described else " (EC2 does not know it)")})
+        logger.debug(json.dumps(record, sort_keys=True, default=str))
+        return record
     key = at + STATE_RANK[state] / 10.0
     record.update({"at": key, "at_iso": event.get("time"), "cause": cause.cause, "by": cause.by,
-                   "reason": cause.reason, "instance_type": instance_type})
+                   "reason": cause.reason, "instance_type": instance_type, "group": group})
     if config.table_name is None:
         record["stored"] = False
         logger.warning(json.dumps(record, sort_keys=True, default=str))
@@ -197,7 +244,7 @@ def record_event(event: Mapping[str, Any], config: HistoryConfig, ec2: EC2Client
         "expires_at": {"N": str(int(received + config.ttl_days * 86400))},
     }
     for name, value in (("by", cause.by), ("reason", cause.reason), ("instance_type", instance_type),
-                        ("event_id", event.get("id"))):
+                        ("event_id", event.get("id")), ("group", group)):
         if value:
             item[name] = {"S": str(value)[:1000]}
     try:

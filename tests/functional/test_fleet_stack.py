@@ -8,6 +8,7 @@ statically (cfn-lint runs in .ci/run), and the adapter's lifecycle calls are cov
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,19 @@ def test_deploy_fleet_creates_the_group_and_records_it(moto_fleet: tuple[Any, li
     fleet_env = (env["FLEET_GROUP"], str(env["JOBS_PER_INSTANCE"]), str(env["SCHEDULE_MINUTES"]))
     assert fleet_env == ("gpuctl-gpu-fleet", "2", "1")
     assert "INSTANCE_ID" not in env or not env["INSTANCE_ID"]
+    # The state-change rule passes every instance's events (they carry no tags; lambda/history.py keeps the
+    # group's members), so gpuctl cost sees the fleet. moto has no TestEventPattern: its own EventBridge
+    # matcher (what its PutEvents routes with) judges the deployed pattern.
+    from moto.events.models import EventPattern
+
+    rule = boto3.client("events", region_name=REGION).describe_rule(Name=result.outputs["StateChangeRuleName"])
+    pattern = EventPattern.load(rule["EventPattern"])
+    sample = json.loads((Path(__file__).parents[1] / "events" / "ec2_state_change_running.json").read_text())
+    for state in ("pending", "running", "stopped", "terminated"):
+        sample["detail"] = {"instance-id": "i-0fleet000000000001", "state": state}
+        assert pattern.matches_event(sample), state
+    sample["detail-type"] = "EC2 Spot Instance Interruption Warning"
+    assert not pattern.matches_event(sample)
 
 
 @pytest.mark.parametrize(("spec", "message"), [

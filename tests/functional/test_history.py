@@ -16,7 +16,7 @@ import history
 from gpuctl.services.context import Gateways
 from gpuctl.services.instance import start_instance, stop_instance
 from gpuctl.settings import Settings
-from tests.helpers import REGION, Resources, create_history_table, create_resources
+from tests.helpers import FLEET_GROUP, REGION, Resources, create_fleet_group, create_history_table, create_resources
 
 EVENTS = Path(__file__).resolve().parent.parent / "events"
 EVENT_AT = 1796029200.0  # 2026-11-30T09:00:00Z, the fixtures' "time"
@@ -71,7 +71,7 @@ def tag(instance_id: str, **tags: str) -> None:
 def test_event_fixtures_are_ec2_state_changes() -> None:
     """The kept events are what EventBridge delivers for EC2 state changes, and the handler knows them."""
     # GIVEN / WHEN / THEN
-    for state in ("pending", "running", "stopping", "stopped"):
+    for state in ("pending", "running", "stopping", "stopped", "shutting-down", "terminated"):
         data = json.loads((EVENTS / f"ec2_state_change_{state}.json").read_text())
         assert handler.event_kind(data) == "ec2_state"
         assert data["detail"]["state"] == state and data["detail"]["instance-id"].startswith("i-")
@@ -180,3 +180,105 @@ def test_history_ttl_days_must_be_a_number() -> None:
     # GIVEN / WHEN / THEN
     with pytest.raises(ValueError, match="HISTORY_TTL_DAYS"):
         history.HistoryConfig.from_env({"HISTORY_TABLE": "t", "HISTORY_TTL_DAYS": "forever"})
+
+
+# ------------------------------------------------------------------ fleet mode: the group's members only
+
+
+@pytest.fixture(scope="module")
+def group(world: tuple[Resources, str]) -> str:
+    """The fleet's Auto Scaling group at 0, created once for the module."""
+    return create_fleet_group(boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing"))
+
+
+@pytest.fixture
+def fleet(world: tuple[Resources, str], group: str,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[list[str], str]]:
+    """The group with two new members (launched by moto from the group's launch template), one instance outside
+    it, and the Lambda's environment in fleet mode (FLEET_GROUP set, no INSTANCE_ID)."""
+    shared, table = world
+    autoscaling = boto3.client("autoscaling", region_name=REGION)
+    ec2 = boto3.client("ec2", region_name=REGION)
+    autoscaling.set_desired_capacity(AutoScalingGroupName=FLEET_GROUP, DesiredCapacity=2)
+    members = [i["InstanceId"] for i in autoscaling.describe_auto_scaling_groups(
+        AutoScalingGroupNames=[FLEET_GROUP])["AutoScalingGroups"][0]["Instances"]]
+    outsider = ec2.run_instances(ImageId="ami-12c6146b", InstanceType="t3.micro", MinCount=1,
+                                 MaxCount=1)["Instances"][0]["InstanceId"]
+    for name, value in (("QUEUE_URL", shared.queue_url), ("DLQ_URL", shared.dlq_url),
+                        ("TABLE_NAME", shared.table_name), ("HISTORY_TABLE", table), ("FLEET_GROUP", FLEET_GROUP)):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("INSTANCE_ID", raising=False)
+    yield members, outsider
+    autoscaling.set_desired_capacity(AutoScalingGroupName=FLEET_GROUP, DesiredCapacity=0)
+
+
+def test_fleet_members_are_recorded_with_their_group_and_autoscaling_as_cause(fleet: tuple[list[str], str]) -> None:
+    """Fleet mode: each member's changes are stored with the group; Auto Scaling started them (no gpuctl tag)."""
+    # GIVEN two members of the group
+    members, _outsider = fleet
+    # WHEN EventBridge delivers their changes (the rule passes every instance's)
+    for instance_id in members:
+        for state in ("pending", "running"):
+            record = handler.lambda_handler(event(state, instance_id), None)
+            assert record["stored"] is True and record["errors"] == [], record
+    # THEN
+    for instance_id in members:
+        found = {i["state"]: i for i in items(instance_id)}
+        assert set(found) == {"pending", "running"}
+        assert found["running"]["group"] == FLEET_GROUP and found["running"]["cause"] == "autoscaling"
+        assert found["running"]["by"] == FLEET_GROUP and found["running"]["instance_type"] == "g5.xlarge"
+
+
+def test_fleet_member_stopped_by_gpuctl_keeps_gpuctl_as_its_cause(fleet: tuple[list[str], str]) -> None:
+    """A fresh gpuctl stop tag on a member still names gpuctl (the tags win over the group)."""
+    # GIVEN
+    members, _outsider = fleet
+    tag(members[0], stopped_at="2026-11-30T08:59:58Z", stopped_by="gpuctl-scheduler", stopped_reason="idle")
+    # WHEN
+    record = handler.lambda_handler(event("stopping", members[0]), None)
+    # THEN
+    assert (record["cause"], record["group"]) == ("scheduler", FLEET_GROUP)
+
+
+def test_instances_outside_the_fleet_are_skipped_not_stored(fleet: tuple[list[str], str]) -> None:
+    """The account's other instances, and ones EC2 no longer knows, leave nothing in the history."""
+    # GIVEN an instance outside the group, and an id EC2 does not know
+    _members, outsider = fleet
+    # WHEN
+    records = [handler.lambda_handler(event("running", outsider), None),
+               handler.lambda_handler(event("terminated", "i-0123456789abcdef0"), None)]
+    # THEN
+    assert [r["stored"] for r in records] == [False, False]
+    assert records[0]["skipped"] == f"not a member of {FLEET_GROUP}"
+    assert "does not know" in records[1]["skipped"]
+    assert items(outsider) == [] and items("i-0123456789abcdef0") == []
+
+
+def test_a_terminated_member_is_recorded_while_ec2_still_describes_it(fleet: tuple[list[str], str]) -> None:
+    """Scale-in terminates a member: its shutting-down and terminated events end its billed time."""
+    # GIVEN a member that Auto Scaling terminates
+    members, _outsider = fleet
+    boto3.client("ec2", region_name=REGION).terminate_instances(InstanceIds=[members[1]])
+    # WHEN
+    for state in ("shutting-down", "terminated"):
+        handler.lambda_handler(event(state, members[1]), None)
+    # THEN
+    assert {i["state"] for i in items(members[1])} == {"shutting-down", "terminated"}
+
+
+def test_membership_that_cannot_be_read_fails_the_invocation(fleet: tuple[list[str], str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """DescribeInstances throttled: nothing is stored for a maybe-foreign instance, and the event is retried."""
+    from botocore.stub import Stubber
+
+    # GIVEN EC2 answering RequestLimitExceeded (moto cannot throttle: Stubber gives the error code)
+    members, _outsider = fleet
+    clients = handler.make_clients(REGION, None, fleet=True)
+    stub = Stubber(clients.ec2)
+    stub.add_client_error("describe_instances", service_error_code="RequestLimitExceeded", http_status_code=503)
+    stub.activate()
+    monkeypatch.setattr(handler, "_warm_clients", lambda *_a, **_k: clients)
+    # WHEN / THEN
+    with pytest.raises(history.HistoryRecordFailed, match="fleet membership"):
+        handler.lambda_handler(event("running", members[0]), None)
+    assert items(members[0]) == []

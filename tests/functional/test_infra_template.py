@@ -322,7 +322,7 @@ def test_schedule_and_alarm_may_invoke_the_lambda(stack: dict[str, str]) -> None
     # The schedule, and the instance state-change rule of gpuctl cost (issue 14).
     state_rule = events.describe_rule(Name=stack["StateChangeRuleName"])
     assert events_arns == {rule["Arn"], state_rule["Arn"]}
-    assert json.loads(state_rule["EventPattern"])["detail"]["instance-id"] == [stack["InstanceId"]]
+    assert json.loads(state_rule["EventPattern"])["detail"] == {"instance-id": [stack["InstanceId"]]}
     alarm = by_principal["lambda.alarms.cloudwatch.amazonaws.com"]
     assert alarm["ArnLike"]["AWS:SourceArn"].endswith(f":alarm:{stack['AlarmName']}")
     assert alarm["StringEquals"]["AWS:SourceAccount"] == "123456789012"
