@@ -28,9 +28,10 @@ Fleet mode (FLEET_GROUP set): EventBridge cannot filter events on tags, so the s
 state change of the account and region, and only the group's members are recorded: an instance whose
 ``aws:autoscaling:groupName`` tag names FLEET_GROUP (warm-pool instances carry it too), or INSTANCE_ID. Any
 other instance is skipped (``skipped`` in the record, logged at DEBUG, nothing stored). When membership cannot
-be read (DescribeInstances failed), the record says so and the handler raises, so the event is retried rather
-than stored for an instance that may not be ours. A member started or stopped by Auto Scaling (no fresh gpuctl
-tag) has the cause ``autoscaling``, by the group.
+be read (DescribeInstances failed), the record says so and the handler raises, so the event is kept in the
+scheduler's failure queue (its dead-letter queue: async invocations are not retried) rather than stored for
+an instance that may not be ours. A member started or stopped by Auto Scaling (no fresh gpuctl tag) has the
+cause ``autoscaling``, by the group.
 
 Environment: HISTORY_TABLE (required for recording; unset: events are logged and not stored),
 HISTORY_TTL_DAYS (default 400), FLEET_GROUP and INSTANCE_ID (fleet mode, above). Local mode (moto emits no
@@ -92,7 +93,7 @@ _ACTORS = {"gpuctl-scheduler": "scheduler", "gpuctl-cli": "cli"}
 
 class HistoryRecordFailed(RuntimeError):
     """Raised by the handler after logging a state change that could not be stored, or whose instance could not
-    be told apart from the account's other instances in fleet mode (so the event is retried)."""
+    be told apart from the account's other instances in fleet mode (so the event is kept in the failure queue)."""
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def record_event(event: Mapping[str, Any], config: HistoryConfig, ec2: EC2Client
     """Store one state-change event; return the record (also logged as one JSON line).
 
     The record's ``errors`` lists what failed: the tags could not be read (the cause is then ``unknown``,
-    the change is still stored), or the item could not be written (the caller raises so the event is retried).
+    the change is still stored), or the item could not be written (the caller raises so the event is kept).
     """
     detail = event.get("detail") or {}
     instance_id = str(detail.get("instance-id") or "")
@@ -221,7 +222,7 @@ def record_event(event: Mapping[str, Any], config: HistoryConfig, ec2: EC2Client
         described, instance_type, cause = None, None, Cause("unknown")
         errors.append({"fact": "fleet membership" if fleet else "instance tags", "code": _code(exc),
                        "message": str(exc)[:300]})
-        if fleet:  # not known to be ours: retried, not stored
+        if fleet:  # not known to be ours: kept in the failure queue, not stored
             record["stored"] = False
             logger.error(json.dumps(record, sort_keys=True, default=str))
             return record

@@ -13,7 +13,7 @@ from gpuctl.errors import AwsError, Conflict, NotFound, WaitTimeout
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
-__all__ = ["CapacityError", "GpuInstance", "InstanceInfo", "Volume"]
+__all__ = ["CapacityError", "GpuInstance", "InstanceInfo", "Instances", "Volume"]
 
 _CAPACITY = {"InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientCapacity",
              "InstanceLimitExceeded", "Unsupported"}
@@ -82,16 +82,7 @@ class GpuInstance:
         response = self._call(self._client.describe_instances, InstanceIds=[self.instance_id])
         for reservation in response.get("Reservations", []):
             for inst in reservation.get("Instances", []):
-                return InstanceInfo(
-                    instance_id=inst["InstanceId"],
-                    state=inst["State"]["Name"],
-                    instance_type=inst.get("InstanceType"),
-                    launch_time=inst.get("LaunchTime"),
-                    tags={t["Key"]: t["Value"] for t in inst.get("Tags", [])},
-                    profile_arn=inst.get("IamInstanceProfile", {}).get("Arn"),
-                    volume_ids=tuple(m["Ebs"]["VolumeId"] for m in inst.get("BlockDeviceMappings", [])
-                                     if m.get("Ebs", {}).get("VolumeId")),
-                )
+                return _info(inst)
         raise NotFound(f"The EC2 instance {self.instance_id} does not exist.")
 
     def volumes(self, volume_ids: tuple[str, ...]) -> list[Volume]:
@@ -99,8 +90,7 @@ class GpuInstance:
         if not volume_ids:
             return []
         response = self._call(self._client.describe_volumes, VolumeIds=list(volume_ids))
-        return [Volume(str(v["VolumeId"]), int(v.get("Size", 0)), str(v.get("VolumeType", "gp3")))
-                for v in response.get("Volumes", [])]
+        return [_volume(v) for v in response.get("Volumes", [])]
 
     def start(self) -> tuple[str, str]:
         """Ask EC2 to start the instance; return its ``(previous, current)`` states."""
@@ -139,3 +129,55 @@ class GpuInstance:
 
     def delete_tags(self, keys: list[str]) -> None:
         self._call(self._client.delete_tags, Resources=[self.instance_id], Tags=[{"Key": k} for k in keys])
+
+
+def _info(inst: Any) -> InstanceInfo:
+    return InstanceInfo(
+        instance_id=inst["InstanceId"],
+        state=inst["State"]["Name"],
+        instance_type=inst.get("InstanceType"),
+        launch_time=inst.get("LaunchTime"),
+        tags={t["Key"]: t["Value"] for t in inst.get("Tags", [])},
+        profile_arn=inst.get("IamInstanceProfile", {}).get("Arn"),
+        volume_ids=tuple(m["Ebs"]["VolumeId"] for m in inst.get("BlockDeviceMappings", [])
+                         if m.get("Ebs", {}).get("VolumeId")),
+    )
+
+
+def _volume(v: Any) -> Volume:
+    return Volume(str(v["VolumeId"]), int(v.get("Size", 0)), str(v.get("VolumeType", "gp3")))
+
+
+#: EC2 takes at most this many values in one filter.
+_FILTER_VALUES = 200
+
+
+class Instances:
+    """Typed access to several instances at once (a fleet's members, as its history names them)."""
+
+    def __init__(self, client: EC2Client) -> None:
+        self._client = client
+
+    def _pages(self, operation: str, key: str, name: str, ids: list[str], what: str) -> list[Any]:
+        import botocore.exceptions
+
+        found: list[Any] = []
+        paginator = self._client.get_paginator(operation)  # type: ignore[call-overload]
+        for n in range(0, len(ids), _FILTER_VALUES):
+            chunk = ids[n:n + _FILTER_VALUES]
+            try:
+                for page in paginator.paginate(Filters=[{"Name": name, "Values": chunk}]):
+                    found.extend(page.get(key, []))
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                raise translate(exc, what) from exc
+        return found
+
+    def describe(self, instance_ids: list[str]) -> list[InstanceInfo]:
+        """The ones EC2 still knows (a filter, not InstanceIds: one unknown id does not fail the rest)."""
+        reservations = self._pages("describe_instances", "Reservations", "instance-id", sorted(set(instance_ids)),
+                                   "the fleet's EC2 instances")
+        return [_info(inst) for r in reservations for inst in r.get("Instances", [])]
+
+    def volumes(self, volume_ids: list[str]) -> list[Volume]:
+        return [_volume(v) for v in self._pages("describe_volumes", "Volumes", "volume-id",
+                                                sorted(set(volume_ids)), "the fleet's EBS volumes")]

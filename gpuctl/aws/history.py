@@ -27,6 +27,10 @@ class Transition:
     instance_type: str | None = None
 
 
+#: An instance whose last change before the window is one of these took no part in it.
+_GONE = frozenset({"terminated"})
+
+
 def _transition(item: dict[str, Any]) -> Transition:
     def text(name: str) -> str | None:
         value = item.get(name, {}).get("S")
@@ -75,3 +79,30 @@ class InstanceHistory:
                              ExpressionAttributeNames={"#a": "at"},
                              ExpressionAttributeValues={**key, ":s": {"N": repr(since)}, ":u": {"N": repr(until)}})
         return [_transition(i) for i in [*before[:1], *inside]]
+
+    def group_transitions(self, group: str, *, since: float, until: float) -> dict[str, list[Transition]]:
+        """Fleet mode: each of the group's instances' changes in [since, until], oldest first, preceded by its
+        last one before ``since`` (as :meth:`transitions`). The items carry their group, not a key on it: a
+        Scan (the table holds a few items per start and stop, kept HISTORY_TTL_DAYS)."""
+        import botocore.exceptions
+
+        found: dict[str, list[tuple[float, Transition]]] = {}
+        try:
+            for page in self._client.get_paginator("scan").paginate(
+                    TableName=self.table_name, FilterExpression="#g = :g AND event_at <= :u",
+                    ExpressionAttributeNames={"#g": "group"},
+                    ExpressionAttributeValues={":g": {"S": group}, ":u": {"N": repr(until)}}):
+                for item in page.get("Items", []):
+                    # The key ``at`` orders (its fraction ranks the states of one second).
+                    found.setdefault(str(item["instance_id"]["S"]), []).append((float(item["at"]["N"]),
+                                                                                 _transition(item)))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise translate(exc, f"the instance history table {self.table_name}") from exc
+        result: dict[str, list[Transition]] = {}
+        for instance_id, keyed in sorted(found.items()):
+            changes = [change for _key, change in sorted(keyed, key=lambda pair: pair[0])]
+            before = [c for c in changes if c.at < since]
+            inside = [c for c in changes if c.at >= since]
+            if inside or (before and before[-1].state not in _GONE):
+                result[instance_id] = [*before[-1:], *inside]
+        return result

@@ -36,6 +36,8 @@ def report(
     """Show what the GPU instance cost: billed time from its recorded state changes (per second, one minute
     minimum per start), busy GPU time, boot and idle time, EBS while stopped, and the money.
 
+    In fleet mode: every instance of the group, each at its own type's price, with a line per instance.
+
     -q prints the total cost (or the billed GPU-hours when no price is known).
 
     Examples:
@@ -82,10 +84,22 @@ def _render(out: Renderer, found: CostReport, totals: dict[str, Any]) -> None:
         return _hours(totals[name]) + share
 
     ebs = found.ebs_stopped()
+    instances = found.instances()
+    if found.fleet_group:
+        types = sorted({i["instance_type"] or "unknown type" for i in instances})
+        what = ("instance", f"fleet {found.fleet_group}: {len(instances)} instance(s) ({', '.join(types) or '-'})")
+    else:
+        what = ("instance", f"{found.instance_id} ({found.instance_type or 'unknown type'})")
+    if found.price is not None:
+        price = f"{_money(found.price)}/h — {found.price_source}"
+    elif found.fleet_group and found.priced and instances:
+        price = found.price_source
+    else:
+        price = "unknown (pass --hourly-price)" if found.fleet_group else found.price_source
     out.pairs([
-        ("instance", f"{found.instance_id} ({found.instance_type or 'unknown type'})"),
+        what,
         ("window", f"{iso(found.since)} to {iso(found.until)}"),
-        ("price", f"{_money(found.price)}/h — {found.price_source}" if found.price is not None else found.price_source),
+        ("price", price),
         ("billed", f"{_hours(billed)} in {totals['starts']} start(s)"),
         ("busy", part("busy_seconds")),
         ("boot", part("boot_seconds")),
@@ -96,6 +110,10 @@ def _render(out: Renderer, found: CostReport, totals: dict[str, Any]) -> None:
         ("EBS while stopped", f"{_money(ebs['cost'])} ({sum(ebs['volumes_gb'].values())} GB, "
                               f"{_hours(ebs['stopped_seconds'])})"),
     ])
+    if found.fleet_group and instances:
+        out.table(["instance", "type", "price", "billed", "busy", "starts", "cost"],
+                  [[i["instance_id"], i["instance_type"] or "-", _money(i["hourly_price"]), _hours(i["billed_seconds"]),
+                    _hours(i["busy_seconds"]), i["starts"], _money(i["cost"])] for i in instances])
     if found.by == "job-type":
         out.table(["job type", "jobs", "GPU", "boot share", "idle share", "charged", "cost"],
                   [[g["job_type"], g["jobs"], _hours(g["gpu_seconds"]), _hours(g["boot_share_seconds"]),

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from gpuctl.aws._session import AwsClients
     from gpuctl.aws.autoscaling import FleetGroup
     from gpuctl.aws.dynamo import JobTable
-    from gpuctl.aws.ec2 import GpuInstance
+    from gpuctl.aws.ec2 import GpuInstance, Instances
     from gpuctl.aws.history import InstanceHistory
     from gpuctl.aws.s3 import ObjectStore
     from gpuctl.aws.sqs import JobQueue
@@ -44,6 +44,13 @@ class Gateways:
         from gpuctl.aws.ec2 import GpuInstance
 
         return GpuInstance(self.clients.ec2, self.settings.require("instance_id"))
+
+    @functools.cached_property
+    def instances(self) -> Instances:
+        """Several instances at once (fleet mode's members)."""
+        from gpuctl.aws.ec2 import Instances
+
+        return Instances(self.clients.ec2)
 
     @functools.cached_property
     def fleet(self) -> FleetGroup:

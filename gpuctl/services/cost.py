@@ -48,7 +48,9 @@ __all__ = [
     "MIN_BILLED_SECONDS",
     "CostReport",
     "JobTime",
+    "Member",
     "Stretch",
+    "build_fleet_report",
     "build_report",
     "cost_report",
     "hourly_price",
@@ -90,6 +92,10 @@ class Stretch:
     busy: float = 0.0
     idle_tail: float = 0.0
     jobs: list[str] = field(default_factory=list)
+    #: The instance that ran it, its type and hourly price (set by the report).
+    instance_id: str | None = None
+    instance_type: str | None = None
+    price: float | None = None
 
     @property
     def seconds(self) -> float:
@@ -112,6 +118,8 @@ class JobTime:
     started_at: float
     finished_at: float
     canary: bool = False
+    #: Fleet mode: the instance that ran it (charged only there); None: any of the report's stretches.
+    instance_id: str | None = None
 
 
 def stretches(transitions: Sequence[Transition], *, since: float, until: float) -> list[Stretch]:
@@ -180,11 +188,26 @@ def hourly_price(instance_type: str | None, override: float | None) -> tuple[flo
     return None, "unknown (pass --hourly-price)"
 
 
-@dataclass
-class CostReport:
-    """Everything ``gpuctl cost report`` prints; :meth:`document` is its JSON."""
+@dataclass(frozen=True)
+class Member:
+    """One instance's part of the report: its recorded changes, its type's price, and its EBS volumes now."""
 
     instance_id: str
+    instance_type: str | None
+    transitions: Sequence[Transition]
+    price: float | None
+    ebs_gb: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class CostReport:
+    """Everything ``gpuctl cost report`` prints; :meth:`document` is its JSON.
+
+    One instance, or (fleet mode, ``fleet_group``) every member of the group the history recorded: each
+    stretch is billed at its own instance type's price, and each job is charged on the instance that ran it.
+    """
+
+    instance_id: str | None
     instance_type: str | None
     since: float
     until: float
@@ -196,19 +219,36 @@ class CostReport:
     ebs_gb: dict[str, int]
     by: str | None = None
     warnings: list[str] = field(default_factory=list)
+    fleet_group: str | None = None
+    members: list[Member] = field(default_factory=list)
+    #: Per member: (GB by volume type, seconds stopped in the window).
+    ebs: list[tuple[dict[str, int], float]] = field(default_factory=list)
 
-    def _money(self, seconds: float) -> float | None:
-        return None if self.price is None else round(seconds / 3600.0 * self.price, 4)
+    @property
+    def priced(self) -> bool:
+        """Every instance's price is known (else no money is shown: a partial sum would mislead)."""
+        return all(m.price is not None for m in self.members) if self.members else self.price is not None
+
+    def _cost(self, pairs: Iterable[tuple[float, float | None]]) -> float | None:
+        """Money for (seconds, hourly price) pairs."""
+        if not self.priced:
+            return None
+        return round(sum(seconds / 3600.0 * (price or 0.0) for seconds, price in pairs), 4)
 
     @property
     def running_seconds(self) -> float:
         return sum(s.seconds for s in self.stretches)
 
     def ebs_stopped(self) -> dict[str, Any]:
-        stopped = max(0.0, (self.until - self.since) - self.running_seconds)
-        cost = sum(gb * EBS_GB_MONTH.get(kind, EBS_GB_MONTH["gp3"]) for kind, gb in self.ebs_gb.items())
-        return {"volumes_gb": dict(sorted(self.ebs_gb.items())), "stopped_seconds": round(stopped),
-                "cost": round(cost * stopped / MONTH_SECONDS, 4)}
+        volumes: dict[str, int] = defaultdict(int)
+        cost = stopped_total = 0.0
+        for gb_by_type, stopped in self.ebs:
+            stopped_total += stopped
+            for kind, gb in gb_by_type.items():
+                volumes[kind] += gb
+                cost += gb * EBS_GB_MONTH.get(kind, EBS_GB_MONTH["gp3"]) * stopped / MONTH_SECONDS
+        return {"volumes_gb": dict(sorted(volumes.items())), "stopped_seconds": round(stopped_total),
+                "cost": round(cost, 4)}
 
     def totals(self) -> dict[str, Any]:
         billed = sum(s.billed for s in self.stretches)
@@ -221,13 +261,26 @@ class CostReport:
                 "gpu_hours": round(billed / 3600.0, 3), "starts": sum(1 for s in self.stretches if s.started_in_window),
                 "jobs": len(self.jobs), "jobs_untimed": self.jobs_untimed,
                 "unattributed_seconds": round(max(0.0, billed - charged)),
-                "cost": self._money(billed),
+                "cost": self._cost((s.billed, s.price) for s in self.stretches),
                 "utilisation": round(busy / billed, 4) if billed else None}
+
+    def instances(self) -> list[dict[str, Any]]:
+        """Per instance: its type and price, billed and busy time, starts and money."""
+        rows = []
+        for m in self.members:
+            own = [s for s in self.stretches if s.instance_id == m.instance_id]
+            rows.append({"instance_id": m.instance_id, "instance_type": m.instance_type, "hourly_price": m.price,
+                         "billed_seconds": round(sum(s.billed for s in own)),
+                         "busy_seconds": round(sum(s.busy for s in own)),
+                         "starts": sum(1 for s in own if s.started_in_window),
+                         "cost": self._cost((s.billed, s.price) for s in own)})
+        return rows
 
     def days(self) -> list[dict[str, Any]]:
         """Per UTC day: billed, busy, boot, idle seconds and money (a stretch split at midnight; its minimum
         charge on the day it started)."""
         rows: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        money: dict[str, list[tuple[float, float | None]]] = defaultdict(list)
         for s in self.stretches:
             share = {"busy": s.busy, "boot": s.boot, "idle": s.idle}
             cursor = s.start
@@ -237,6 +290,7 @@ class CostReport:
                 part = (hi - cursor) / s.seconds if s.seconds else 1.0
                 day = rows[_day(cursor)]
                 day["billed_seconds"] += part * s.seconds
+                money[_day(cursor)].append((part * s.seconds, s.price))
                 for name, value in share.items():
                     day[f"{name}_seconds"] += part * value
                 if hi >= s.end:
@@ -244,8 +298,9 @@ class CostReport:
                 cursor = hi
             extra = s.billed - s.seconds  # the one-minute minimum: idle time on the day it started
             rows[_day(s.start)]["billed_seconds"] += extra
+            money[_day(s.start)].append((extra, s.price))
         return [{"day": day, **{k: round(v) for k, v in sorted(values.items())},
-                 "cost": self._money(values["billed_seconds"])} for day, values in sorted(rows.items())]
+                 "cost": self._cost(money[day])} for day, values in sorted(rows.items())]
 
     def job_types(self) -> list[dict[str, Any]]:
         groups: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -254,23 +309,26 @@ class CostReport:
             group["jobs"] += 1
             for name in ("gpu_seconds", "boot_share_seconds", "idle_share_seconds", "charged_seconds"):
                 group[name] += job[name]
-        return [{"job_type": kind, **{k: round(v) for k, v in sorted(values.items())},
-                 "cost": self._money(values["charged_seconds"])} for kind, values in sorted(groups.items())]
+            group["cost"] += job["cost"] or 0.0
+        return [{"job_type": kind, **{k: round(v) for k, v in sorted(values.items()) if k != "cost"},
+                 "cost": round(values["cost"], 4) if self.priced else None} for kind, values in sorted(groups.items())]
 
     def document(self) -> dict[str, Any]:
         from gpuctl.times import stamp
 
         doc: dict[str, Any] = {
-            "instance_id": self.instance_id, "instance_type": self.instance_type,
+            "instance_id": self.instance_id, "instance_type": self.instance_type, "fleet_group": self.fleet_group,
             **stamp("since", self.since), **stamp("until", self.until),
             "hourly_price": self.price, "price_source": self.price_source,
             "totals": self.totals(), "ebs_while_stopped": self.ebs_stopped(), "by": self.by,
-            "stretches": [{**stamp("start", s.start), **stamp("end", s.end), "billed_seconds": round(s.billed),
+            "instances": self.instances(),
+            "stretches": [{"instance_id": s.instance_id, **stamp("start", s.start), **stamp("end", s.end),
+                           "billed_seconds": round(s.billed),
                            "busy_seconds": round(s.busy), "boot_seconds": round(s.boot),
                            "idle_seconds": round(s.idle), "idle_tail_seconds": round(s.idle_tail),
                            "running_now": s.running_now, "started_by": s.start_cause, "stopped_by": s.stop_cause,
                            "jobs": len(s.jobs)} for s in self.stretches],
-            "jobs": [{**j, "cost": self._money(j["charged_seconds"])} for j in self.jobs],
+            "jobs": [dict(j) for j in self.jobs],
             "warnings": self.warnings,
         }
         if self.by == "day":
@@ -280,11 +338,13 @@ class CostReport:
         return doc
 
 
-def _attribute(found: list[Stretch], jobs: Sequence[JobTime]) -> list[dict[str, Any]]:
-    """Fill each stretch's busy/boot/idle tail and charge every second of it to its jobs (module docstring)."""
+def _attribute(found: list[Stretch], jobs: Sequence[JobTime], priced: bool) -> list[dict[str, Any]]:
+    """Fill each stretch's busy/boot/idle tail and charge every second of it to its jobs (module docstring).
+    A job with an ``instance_id`` (fleet mode) is charged only on that instance's stretches."""
     charged: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for s in found:
-        own = {j.task_id: _overlap((j.started_at, j.finished_at), s.start, s.end) for j in jobs}
+        own = {j.task_id: _overlap((j.started_at, j.finished_at), s.start, s.end)
+               if j.instance_id is None or j.instance_id == s.instance_id else 0.0 for j in jobs}
         inside = [j for j in jobs if own[j.task_id] > 0]
         busy = merge((max(j.started_at, s.start), min(j.finished_at, s.end)) for j in inside)
         s.busy = sum(hi - lo for lo, hi in busy)
@@ -301,11 +361,12 @@ def _attribute(found: list[Stretch], jobs: Sequence[JobTime]) -> list[dict[str, 
         for j in inside:
             weight = own[j.task_id] / total_own
             row = charged[j.task_id]
+            boot_share = s.boot / len(waited) if j in waited else 0.0
             row["gpu_seconds"] += own[j.task_id]
             row["busy_share_seconds"] += s.busy * weight
-            if j in waited:
-                row["boot_share_seconds"] += s.boot / len(waited)
+            row["boot_share_seconds"] += boot_share
             row["idle_share_seconds"] += s.idle * weight
+            row["money"] += (s.busy * weight + boot_share + s.idle * weight) / 3600.0 * (s.price or 0.0)
     rows = []
     for j in jobs:
         if j.task_id not in charged:
@@ -316,17 +377,78 @@ def _attribute(found: list[Stretch], jobs: Sequence[JobTime]) -> list[dict[str, 
                      "boot_share_seconds": round(row["boot_share_seconds"], 3),
                      "idle_share_seconds": round(row["idle_share_seconds"], 3),
                      "charged_seconds": round(row["busy_share_seconds"] + row["boot_share_seconds"]
-                                              + row["idle_share_seconds"], 3)})
+                                              + row["idle_share_seconds"], 3),
+                     "cost": round(row["money"], 4) if priced else None})
     return rows
 
 
 def build_report(transitions: Sequence[Transition], records: Iterable[JobRecord], *, instance_id: str,
                  instance_type: str | None, since: float, until: float, price: float | None, price_source: str,
                  ebs_gb: dict[str, int], by: str | None = None) -> CostReport:
-    """The report from what was recorded (pure: no AWS call)."""
-    found = stretches(transitions, since=since, until=until)
+    """The report of one instance from what was recorded (pure: no AWS call)."""
+    member = Member(instance_id, instance_type, transitions, price, ebs_gb)
+    report = _build([member], records, since=since, until=until, price=price, price_source=price_source, by=by)
+    if not transitions:
+        report.warnings.insert(0, "No state change of the instance is recorded in this window (is the stack "
+                                  "deployed with the history table, and did the instance change state since?).")
+    elif transitions[0].at > since:
+        report.warnings.insert(0, f"The history starts at {_iso(transitions[0].at)}, after the window's start: "
+                                  "earlier running time is not counted.")
+    if price is None:
+        report.warnings.append(f"No price is known for the instance type {instance_type or '(unknown)'}: "
+                               "pass --hourly-price to see money.")
+    return report
+
+
+def build_fleet_report(members: Sequence[Member], records: Iterable[JobRecord], *, group: str, since: float,
+                       until: float, hourly: float | None = None, by: str | None = None) -> CostReport:
+    """The report of a fleet's members from what was recorded (pure: no AWS call). Each member's price is its
+    own type's (``hourly``: one price for all); jobs are charged on the instance that ran them."""
+    types = sorted({m.instance_type or "(unknown)" for m in members})
+    prices = {m.price for m in members}
+    price = next(iter(prices)) if len(prices) == 1 else None
+    source = "--hourly-price" if hourly is not None else "shipped table (us-east-1 on-demand, per instance type)"
+    report = _build(members, records, since=since, until=until, price=price, price_source=source, by=by,
+                    fleet_group=group)
+    report.instance_type = types[0] if len(types) == 1 and types[0] != "(unknown)" else None
+    if not members:
+        report.warnings.insert(0, f"No state change of the fleet {group}'s instances is recorded in this window "
+                                  "(is the stack deployed with the history table, and did the group run since?).")
+    unpriced = sorted({m.instance_type or "(unknown)" for m in members if m.price is None})
+    if unpriced:
+        report.warnings.append(f"No price is known for the instance type(s) {', '.join(unpriced)}: "
+                               "pass --hourly-price to see money.")
+    gone = sum(1 for m in members if not m.ebs_gb)
+    if gone:
+        report.warnings.append(f"{gone} of the fleet's {len(members)} instance(s) no longer exist (or have no "
+                               "volume): their EBS while stopped is not counted.")
+    return report
+
+
+def _lifetime(member: Member, since: float, until: float) -> tuple[float, float]:
+    """The part of the window the member existed in: from its first change (or the window's start) to its
+    termination (or the window's end)."""
+    changes = member.transitions
+    start = since if not changes or changes[0].at <= since else changes[0].at
+    end = next((c.at for c in changes if c.state == "terminated" and c.at >= since), until)
+    return start, min(max(start, end), until)
+
+
+def _build(members: Sequence[Member], records: Iterable[JobRecord], *, since: float, until: float,
+           price: float | None, price_source: str, by: str | None, fleet_group: str | None = None) -> CostReport:
+    found: list[Stretch] = []
+    ebs: list[tuple[dict[str, int], float]] = []
+    for m in members:
+        own = stretches(m.transitions, since=since, until=until)
+        for s in own:
+            s.instance_id, s.instance_type, s.price = m.instance_id, m.instance_type, m.price
+        found.extend(own)
+        lo, hi = _lifetime(m, since, until) if fleet_group else (since, until)
+        ebs.append((m.ebs_gb, max(0.0, (hi - lo) - sum(s.seconds for s in own))))
+    found.sort(key=lambda s: (s.start, s.instance_id or ""))
+    known = {m.instance_id for m in members}
     jobs: list[JobTime] = []
-    untimed = retaken = 0
+    untimed = retaken = unplaced = elsewhere = 0
     for record in records:
         if not record.is_gpu_job:
             continue
@@ -336,28 +458,39 @@ def build_report(transitions: Sequence[Transition], records: Iterable[JobRecord]
         end = record.finished_at if record.finished_at is not None else until
         if end < since or record.started_at > until:
             continue
-        jobs.append(JobTime(record.task_id, record.kind, record.created_at, record.started_at, end, record.canary))
+        placed = None
+        if fleet_group:
+            if not record.instance_id:
+                unplaced += 1
+                continue
+            placed = record.instance_id
+            elsewhere += placed not in known
+        jobs.append(JobTime(record.task_id, record.kind, record.created_at, record.started_at, end, record.canary,
+                            placed))
         retaken += record.attempts > 1
     jobs.sort(key=lambda j: j.started_at)
-    rows = _attribute(found, jobs)
-    report = CostReport(instance_id, instance_type, since, until, price, price_source, found, rows, untimed,
-                        ebs_gb, by)
-    if not transitions:
-        report.warnings.append("No state change of the instance is recorded in this window (is the stack "
-                               "deployed with the history table, and did the instance change state since?).")
-    elif transitions[0].at > since:
-        report.warnings.append(f"The history starts at {_iso(transitions[0].at)}, after the window's start: "
-                               "earlier running time is not counted.")
+    ebs_gb: dict[str, int] = defaultdict(int)
+    for m in members:
+        for kind, gb in m.ebs_gb.items():
+            ebs_gb[kind] += gb
+    report = CostReport(members[0].instance_id if members and not fleet_group else None,
+                        members[0].instance_type if members and not fleet_group else None, since, until, price,
+                        price_source, found, [], untimed, dict(ebs_gb), by, fleet_group=fleet_group,
+                        members=list(members), ebs=ebs)
+    report.jobs = _attribute(found, jobs, report.priced)
     if untimed:
         report.warnings.append(f"{untimed} GPU job(s) have no started_at (processed by an adapter that does not "
                                "record it): their time counts as idle.")
+    if unplaced:
+        report.warnings.append(f"{unplaced} GPU job(s) have no instance_id (processed by an adapter that does not "
+                               "record it): in a fleet their time cannot be placed and counts as idle.")
+    if elsewhere:
+        report.warnings.append(f"{elsewhere} GPU job(s) ran on instances with no recorded state change in this "
+                               "window: their time is not in the report.")
     if retaken:
         report.warnings.append(f"{retaken} GPU job(s) ran more than once (retried or taken over): only their last "
                                "attempt's time is counted as busy, earlier attempts count as idle (the record "
                                "keeps only the last attempt's started_at).")
-    if price is None:
-        report.warnings.append(f"No price is known for the instance type {instance_type or '(unknown)'}: "
-                               "pass --hourly-price to see money.")
     return report
 
 
@@ -391,6 +524,9 @@ def cost_report(gw: Gateways, *, since_seconds: float, by: str | None = None, ho
     until = time.time() if now is None else now
     since = until - since_seconds
     history = gw.history
+    group = gw.settings.fleet_group
+    if group:
+        return _fleet_report(gw, group, since=since, until=until, by=by, hourly=hourly)
     info = gw.instance.describe()
     transitions = history.transitions(info.instance_id, since=since, until=until)
     instance_type = info.instance_type or next((t.instance_type for t in reversed(transitions) if t.instance_type),
@@ -402,3 +538,27 @@ def cost_report(gw: Gateways, *, since_seconds: float, by: str | None = None, ho
     return build_report(transitions, finished_jobs(gw, since), instance_id=info.instance_id,
                         instance_type=instance_type, since=since, until=until, price=price, price_source=source,
                         ebs_gb=dict(ebs), by=by)
+
+
+def _fleet_report(gw: Gateways, group: str, *, since: float, until: float, by: str | None,
+                  hourly: float | None) -> CostReport:
+    """Fleet mode: every member the history recorded in the window, priced by its own type."""
+    histories = gw.history.group_transitions(group, since=since, until=until)
+    infos = {i.instance_id: i for i in gw.instances.describe(list(histories))} if histories else {}
+    alive = [i for i in infos.values() if i.state != "terminated"]
+    volumes = {v.volume_id: v for v in gw.instances.volumes([v for i in alive for v in i.volume_ids])} \
+        if alive else {}
+    members: list[Member] = []
+    for instance_id, transitions in histories.items():
+        info = infos.get(instance_id)
+        instance_type = (info.instance_type if info else None) or next(
+            (t.instance_type for t in reversed(transitions) if t.instance_type), None)
+        ebs: dict[str, int] = defaultdict(int)
+        if info is not None and info.state != "terminated":
+            for volume_id in info.volume_ids:
+                if volume_id in volumes:
+                    ebs[volumes[volume_id].volume_type] += volumes[volume_id].size_gb
+        members.append(Member(instance_id, instance_type, transitions, hourly_price(instance_type, hourly)[0],
+                              dict(ebs)))
+    return build_fleet_report(members, finished_jobs(gw, since), group=group, since=since, until=until,
+                              hourly=hourly, by=by)

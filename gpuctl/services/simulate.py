@@ -11,6 +11,9 @@ The replay, per idle window:
   when the queue-idle alarm would fire (the window after the queue emptied), and its stop is carried out;
 * billed time is per second with a one-minute minimum per start.
 
+Left out: the jobs of ``gpuctl doctor --canary`` (test traffic; the report counts them). In fleet mode the replay
+still models one instance (the fleet's own scale-out is bench/bench_fleet.py's simulation) and says so.
+
 The extra wait of a job is how much later it starts than it would on an instance that never stops (the same
 queueing, no boot). Recommendation: the cheapest window whose p95 extra wait is at most ``max_p95_wait``;
 if none is, the window with the smallest p95.
@@ -223,8 +226,12 @@ def simulate(gw: Gateways, *, windows: Sequence[float], since_seconds: float, ho
     report = cost_report(gw, since_seconds=since_seconds, hourly=hourly, now=now)
     until = time.time() if now is None else now
     timed: list[JobTime] = []
+    canaries = 0
     for record in _jobs(gw, report.since):
         if record.started_at is not None and record.finished_at is not None and record.created_at >= report.since:
+            if record.canary:  # doctor's test traffic, not the team's: it would not come under another window
+                canaries += 1
+                continue
             from gpuctl.services.cost import JobTime
 
             timed.append(JobTime(record.task_id, record.kind, record.created_at, record.started_at,
@@ -232,6 +239,11 @@ def simulate(gw: Gateways, *, windows: Sequence[float], since_seconds: float, ho
     boots = [s.boot for s in report.stretches if s.boot > 0]
     boot = statistics.median(boots) if boots else DEFAULT_BOOT_SECONDS
     warnings = [w for w in report.warnings if "price" in w]
+    if canaries:
+        warnings.append(f"{canaries} job(s) of gpuctl doctor --canary are left out of the replay (test traffic).")
+    if report.fleet_group:
+        warnings.append(f"Fleet mode: the replay models one instance under each idle window; the fleet "
+                        f"{report.fleet_group}'s scale-out is not simulated (see bench/bench_fleet.py simulate).")
     if not boots:
         warnings.append(f"No boot was measured in the history: the replay assumes {DEFAULT_BOOT_SECONDS:.0f} s.")
     if not timed:

@@ -182,3 +182,95 @@ def test_a_retaken_job_counts_its_last_attempt_and_is_warned_about() -> None:
     assert [w for w in found.warnings if "ran more than once" in w] == [
         "1 GPU job(s) ran more than once (retried or taken over): only their last attempt's time is counted as "
         "busy, earlier attempts count as idle (the record keeps only the last attempt's started_at)."]
+
+
+# ------------------------------------------------------------------ fleet mode: several instances, their own prices
+
+A, B = "i-0aaaaaaaaaaaaaaa1", "i-0bbbbbbbbbbbbbbb2"
+
+
+def ft(instance_id: str, at: float, state: str) -> Transition:
+    return Transition(instance_id, at, state, "autoscaling")
+
+
+def placed(task_id: str, instance_id: str | None, started: float, finished: float) -> JobRecord:
+    return JobRecord(task_id=task_id, status="completed", job_type=CAMERA, created_at=started - 5,
+                     updated_at=finished, started_at=started, finished_at=finished, instance_id=instance_id)
+
+
+def fleet_report(jobs: list[JobRecord], *, hourly: float | None = None, b_type: str = "g6.xlarge") -> Any:
+    from gpuctl.services.cost import Member, build_fleet_report
+
+    a = [ft(A, DAY + 100, "pending"), ft(A, DAY + 160, "running"), ft(A, DAY + 3760, "stopping"),
+         ft(A, DAY + 3790, "stopped")]  # one hour running, then back to the warm pool
+    b = [ft(B, DAY + 1000, "pending"), ft(B, DAY + 1060, "running"), ft(B, DAY + 2860, "shutting-down"),
+         ft(B, DAY + 2900, "terminated")]  # half an hour, then scaled in and terminated
+    members = [Member(A, "g5.xlarge", a, hourly_price("g5.xlarge", hourly)[0], {"gp3": 100}),
+               Member(B, b_type, b, hourly_price(b_type, hourly)[0], {})]
+    return build_fleet_report(members, jobs, group="gpuctl-gpu-fleet", since=DAY, until=DAY + 86400, hourly=hourly)
+
+
+def test_fleet_bills_each_instance_at_its_own_type_s_price() -> None:
+    """Two members of different types: the total is the sum of each one's hours at its own price."""
+    # GIVEN / WHEN
+    found = fleet_report([])
+    # THEN
+    rows = {i["instance_id"]: i for i in found.instances()}
+    assert (rows[A]["billed_seconds"], rows[B]["billed_seconds"]) == (3600, 1800)
+    assert rows[A]["cost"] == pytest.approx(1.006) and rows[B]["cost"] == pytest.approx(0.8048 / 2)
+    assert found.totals()["cost"] == pytest.approx(1.006 + 0.4024)
+    assert found.totals()["starts"] == 2
+    doc = found.document()
+    assert doc["fleet_group"] == "gpuctl-gpu-fleet" and doc["instance_id"] is None
+    assert doc["hourly_price"] is None and doc["instance_type"] is None
+    assert {s["instance_id"] for s in doc["stretches"]} == {A, B}
+
+
+def test_fleet_jobs_are_charged_on_the_instance_that_ran_them() -> None:
+    """A job on B while A also ran is B's busy time only; its idle share is B's idle, at B's price."""
+    # GIVEN one job on each instance, overlapping in time
+    jobs = [placed("on-a", A, DAY + 1500, DAY + 1800), placed("on-b", B, DAY + 1500, DAY + 2100)]
+    # WHEN
+    found = fleet_report(jobs)
+    # THEN
+    rows = {i["instance_id"]: i for i in found.instances()}
+    assert (rows[A]["busy_seconds"], rows[B]["busy_seconds"]) == (300, 600)
+    charged = {j["job_id"]: j for j in found.jobs}
+    assert charged["on-a"]["charged_seconds"] == pytest.approx(3600)  # A's whole hour: its only job
+    assert charged["on-b"]["charged_seconds"] == pytest.approx(1800)
+    assert charged["on-b"]["cost"] == pytest.approx(0.4024, abs=1e-4)
+    assert found.totals()["unattributed_seconds"] == 0
+
+
+def test_fleet_job_without_an_instance_is_not_guessed() -> None:
+    """A job whose record names no instance (an older adapter) is left out with a warning, not put anywhere."""
+    # GIVEN / WHEN
+    found = fleet_report([placed("nowhere", None, DAY + 1500, DAY + 1800),
+                          placed("unrecorded", "i-0ccccccccccccccc3", DAY + 1500, DAY + 1800)])
+    # THEN
+    assert found.jobs == [] and found.totals()["busy_seconds"] == 0
+    assert any("1 GPU job(s) have no instance_id" in w for w in found.warnings)
+    assert any("1 GPU job(s) ran on instances with no recorded state change" in w for w in found.warnings)
+
+
+def test_fleet_ebs_counts_the_stopped_time_of_instances_that_still_exist() -> None:
+    """A (back in the warm pool) pays EBS for its stopped time since its launch; B (terminated) is warned about."""
+    # GIVEN / WHEN
+    found = fleet_report([])
+    # THEN A existed from DAY+100 to the window's end and ran an hour of it
+    ebs = found.ebs_stopped()
+    assert ebs["volumes_gb"] == {"gp3": 100}
+    assert ebs["stopped_seconds"] == pytest.approx(86400 - 100 - 3600 + (2900 - 1000 - 1800), abs=1)
+    assert ebs["cost"] == pytest.approx(100 * 0.08 * (86400 - 3700) / (730 * 3600), abs=1e-3)
+    assert any("1 of the fleet's 2 instance(s) no longer exist" in w for w in found.warnings)
+
+
+def test_fleet_with_an_unknown_type_shows_no_money_unless_priced() -> None:
+    """One member of a type outside the table: no money at all (a partial sum would mislead), until --hourly-price."""
+    # GIVEN / WHEN
+    unknown = fleet_report([], b_type="x9.gpu")
+    priced = fleet_report([], b_type="x9.gpu", hourly=2.0)
+    # THEN
+    assert unknown.totals()["cost"] is None and unknown.instances()[0]["cost"] is None
+    assert any("x9.gpu" in w and "--hourly-price" in w for w in unknown.warnings)
+    assert priced.totals()["cost"] == pytest.approx(2.0 * 1.5) and priced.price == 2.0
