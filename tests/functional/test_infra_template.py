@@ -77,6 +77,10 @@ CLI_CALLS: list[tuple[str, str]] = [
     ("ec2:CreateTags", "instance/${InstanceId}"),
     ("ec2:DeleteTags", "instance/${InstanceId}"),
     ("logs:FilterLogEvents", "SchedulerLogGroup"),
+    # cost report / simulate: one instance's history (Query), a fleet's members (Scan), the volumes
+    ("dynamodb:Query", "HistoryTable"),
+    ("dynamodb:Scan", "HistoryTable"),
+    ("ec2:DescribeVolumes", "*"),
 ]
 # The adapter daemon on the GPU instance (poison messages are copied to the DLQ, found by name if needed).
 ADAPTER_CALLS: list[tuple[str, str]] = [
