@@ -36,6 +36,8 @@ DRAIN_STATES = frozenset({"Terminating:Wait"})
 IMDS = "http://169.254.169.254/latest"
 #: A lifecycle heartbeat at most this often while draining (the hook's timeout is an hour).
 _LIFECYCLE_HEARTBEAT = 300.0
+#: The longest wait between two attempts of a failing SetInstanceProtection.
+_PROTECT_BACKOFF_MAX = 30.0
 
 
 def instance_id_from_imds(base: str = IMDS, timeout: float = 2.0) -> str | None:
@@ -63,6 +65,10 @@ class FleetMember:
         self.instance_id = instance_id
         self._stop = stop
         self._protected: bool | None = None  # unknown at start: the first tick sets it either way
+        #: After a failed protection call: not again before this (monotonic), unless the wanted state changes.
+        self.protect_retry_at = 0.0
+        self._protect_backoff = 0.0
+        self._protect_failed: bool | None = None
         self._next_check = time.monotonic()
         self._next_lifecycle_beat = 0.0
         self.draining = False
@@ -70,15 +76,19 @@ class FleetMember:
     def tick(self, in_hand: int) -> None:
         """Keep protection equal to "holds work", and notice a scale-in of this instance."""
         want = in_hand > 0
-        if want != self._protected:
+        now = time.monotonic()
+        if want != self._protected and (want != self._protect_failed or now >= self.protect_retry_at):
             try:
                 self._group.protect(self.instance_id, want)
             except GpuctlError as exc:
-                log.warning("adapter.fleet_protection_failed", extra={"protect": want, "error": str(exc)})
+                # Backed off (1 s doubling to 30 s), not retried every heartbeat tick against a throttled API.
+                self._protect_backoff = min(_PROTECT_BACKOFF_MAX, max(1.0, self._protect_backoff * 2))
+                self._protect_failed, self.protect_retry_at = want, now + self._protect_backoff
+                log.warning("adapter.fleet_protection_failed", extra={
+                    "protect": want, "error": str(exc), "retry_in_seconds": self._protect_backoff})
             else:
-                self._protected = want
+                self._protected, self._protect_failed, self._protect_backoff = want, None, 0.0
                 log.info("adapter.fleet_protection", extra={"instance_id": self.instance_id, "protected": want})
-        now = time.monotonic()
         if self.draining:
             if in_hand and now >= self._next_lifecycle_beat:
                 self._next_lifecycle_beat = now + _LIFECYCLE_HEARTBEAT

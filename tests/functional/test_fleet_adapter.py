@@ -9,6 +9,7 @@ shapes AWS sends.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -87,8 +88,9 @@ def test_scale_in_drains_then_completes_the_lifecycle_action(aws: Resources) -> 
     stub.assert_no_pending_responses()
 
 
-def test_a_failed_protection_call_is_retried_on_the_next_tick(aws: Resources) -> None:
-    """GIVEN SetInstanceProtection throttled once WHEN the member ticks twice THEN the second tick sets it."""
+def test_a_failed_protection_call_is_retried_after_a_backoff(aws: Resources) -> None:
+    """GIVEN SetInstanceProtection throttled twice WHEN the member ticks THEN it waits 1 s, then 2 s, between
+    attempts (not every 0.5 s tick), and a change of the wanted state is tried at once."""
     client = boto3.client("autoscaling", region_name=REGION)
     stub = Stubber(client)
     iid = "i-0123456789abcdef0"
@@ -98,13 +100,20 @@ def test_a_failed_protection_call_is_retried_on_the_next_tick(aws: Resources) ->
                                             "AvailabilityZone": "us-east-1a", "LifecycleState": "InService",
                                             "HealthStatus": "HEALTHY", "ProtectedFromScaleIn": False}]}
     stub.add_response("describe_auto_scaling_instances", in_service, {"InstanceIds": [iid]})
-    stub.add_response("set_instance_protection", {}, params)
+    stub.add_client_error("set_instance_protection", "Throttling", "Rate exceeded", expected_params=params)
+    stub.add_response("set_instance_protection", {}, {**params, "ProtectedFromScaleIn": False})
     with stub:
         member = FleetMember(settings(aws, max_attempts=1), FleetGroup(client, FLEET_GROUP), iid, threading.Event())
-        member.tick(1)
-        member._next_check = float("inf")  # only the protection call on the second tick
-        member.tick(1)
+        member.tick(1)  # fails: next attempt in 1 s
+        member._next_check = float("inf")  # only protection calls from here on
+        first_wait = member.protect_retry_at - time.monotonic()
+        member.tick(1)  # within the backoff: no call (the stub would answer the next one queued)
+        member.protect_retry_at = 0.0  # the backoff has passed
+        member.tick(1)  # fails again: next attempt in 2 s
+        second_wait = member.protect_retry_at - time.monotonic()
+        member.tick(0)  # the job is gone: unprotecting is a different call, tried at once
     stub.assert_no_pending_responses()
+    assert 0.5 < first_wait <= 1.0 and 1.5 < second_wait <= 2.0
 
 
 class _Imds(BaseHTTPRequestHandler):
