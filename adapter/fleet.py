@@ -111,6 +111,23 @@ class FleetMember:
                                                       "jobs": in_hand})
             self._stop.set()  # the SIGTERM path: no new work, the jobs in hand finish or are handed back
 
+    def scaled_in_already(self) -> bool:
+        """At start: is this instance already being scaled in (the adapter restarted during a drain)? Then it
+        takes no work: protection is cleared and the lifecycle action completed, and the caller exits. A state
+        that cannot be read is not a scale-in (the heartbeat's ticks look again)."""
+        try:
+            state = self._group.lifecycle_state(self.instance_id)
+        except GpuctlError as exc:
+            log.warning("adapter.fleet_state_unknown", extra={"error": str(exc)})
+            return False
+        if state not in DRAIN_STATES:
+            return False
+        log.info("adapter.fleet_scaled_in_at_start", extra={"instance_id": self.instance_id,
+                                                            "lifecycle_state": state})
+        self.draining = True
+        self.after_drain()
+        return True
+
     def after_drain(self) -> None:
         """After the loop drained: clear protection, and let Auto Scaling continue a scale-in that waited for us."""
         if self._protected is not False:

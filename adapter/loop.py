@@ -49,6 +49,8 @@ def run(deps: Deps, stop: threading.Event) -> int:
     except GpuctlError as exc:
         log.error("adapter.config_error", extra={"error": str(exc)})
         return 2
+    if member is not None and member.scaled_in_already():
+        return 0  # restarted while its instance is being scaled in: no new work on an instance that is going
     what = f"the {settings.backend.value} backend at {settings.base_url}"
     try:
         report = wait_until_ready(deps.backend, stop, what=what, timeout=settings.ready_timeout,

@@ -156,3 +156,32 @@ def test_fleet_mode_without_an_instance_id_refuses_to_start(aws: Resources, monk
     with pytest.raises(ConfigError, match="GPUCTL_INSTANCE_ID"):
         start_member(settings(aws, instance_id=None), threading.Event())
     assert start_member(AdapterSettings(**aws.settings_kwargs()), threading.Event()) is None  # single mode
+
+
+def test_an_adapter_restarted_during_a_scale_in_takes_no_work_and_completes_it(aws: Resources) -> None:
+    """GIVEN the instance already in Terminating:Wait when the adapter starts (it crashed mid-drain and systemd
+    restarted it) WHEN the member starts THEN it clears protection and completes the lifecycle action, and the
+    loop is told not to poll; InService: nothing is called beyond the look."""
+    client = boto3.client("autoscaling", region_name=REGION)
+    stub = Stubber(client)
+    iid = "i-0123456789abcdef0"
+
+    def state(name: str) -> dict[str, Any]:
+        return {"AutoScalingInstances": [{"InstanceId": iid, "AutoScalingGroupName": FLEET_GROUP,
+                                          "AvailabilityZone": "us-east-1a", "LifecycleState": name,
+                                          "HealthStatus": "HEALTHY", "ProtectedFromScaleIn": True}]}
+
+    stub.add_response("describe_auto_scaling_instances", state("InService"), {"InstanceIds": [iid]})
+    stub.add_response("describe_auto_scaling_instances", state("Terminating:Wait"), {"InstanceIds": [iid]})
+    stub.add_response("set_instance_protection", {}, {"AutoScalingGroupName": FLEET_GROUP, "InstanceIds": [iid],
+                                                      "ProtectedFromScaleIn": False})
+    stub.add_response("complete_lifecycle_action", {}, {
+        "AutoScalingGroupName": FLEET_GROUP, "InstanceId": iid, "LifecycleHookName": "gpuctl-drain",
+        "LifecycleActionResult": "CONTINUE"})
+    with stub:
+        group = FleetGroup(client, FLEET_GROUP)
+        in_service = FleetMember(settings(aws, max_attempts=1), group, iid, threading.Event())
+        terminating = FleetMember(settings(aws, max_attempts=1), group, iid, threading.Event())
+        assert in_service.scaled_in_already() is False
+        assert terminating.scaled_in_already() is True
+    stub.assert_no_pending_responses()
