@@ -37,12 +37,14 @@ if TYPE_CHECKING:
     from handler import Clients, SchedulerConfig
 
 __all__ = [
+    "CAPACITY_AT_TAG",
     "FLOOR_TAG",
     "FLOOR_UNTIL_TAG",
     "CapacityDecision",
     "FleetPolicy",
     "GroupView",
     "Member",
+    "capacity_tags",
     "decide_capacity",
     "floor_of",
     "run_once",
@@ -52,6 +54,13 @@ FLOOR_TAG = "gpuctl:floor"
 FLOOR_UNTIL_TAG = "gpuctl:floor-until"
 FLOOR_REASON_TAG = "gpuctl:floor-reason"
 SCALED_OUT_AT_TAG = "gpuctl:scaled-out-at"
+#: Who last changed the desired capacity, why, and from and to what (history.py names a member's start or stop
+#: after the change that explains it: the scheduler with its reason, a submit, `gpuctl fleet scale`).
+CAPACITY_AT_TAG = "gpuctl:capacity-at"
+CAPACITY_BY_TAG = "gpuctl:capacity-by"
+CAPACITY_REASON_TAG = "gpuctl:capacity-reason"
+CAPACITY_FROM_TAG = "gpuctl:capacity-from"
+CAPACITY_TO_TAG = "gpuctl:capacity-to"
 #: Lifecycle states of an instance that serves (or is about to serve) the group's work.
 SERVING_STATES = frozenset({"Pending", "Pending:Wait", "Pending:Proceed", "InService"})
 
@@ -286,12 +295,20 @@ def _act(config: SchedulerConfig, clients: Clients, decision: CapacityDecision, 
     except (ClientError, BotoCoreError) as exc:
         run.fail("set desired capacity", exc)
         return f"failed: {handler._code(exc)}"
+    tags = capacity_tags(handler._iso(at), "gpuctl-scheduler", decision.reason, group.desired, desired)
     if group.desired == 0:
-        try:
-            autoscaling.create_or_update_tags(Tags=[{
-                "ResourceId": group.name, "ResourceType": "auto-scaling-group", "Key": SCALED_OUT_AT_TAG,
-                "Value": handler._iso(at), "PropagateAtLaunch": False}])
-        except (ClientError, BotoCoreError) as exc:
-            run.fail("group tags", exc)
-            return f"set desired capacity {group.desired} -> {desired}; tagging failed ({handler._code(exc)})"
+        tags[SCALED_OUT_AT_TAG] = handler._iso(at)
+    try:
+        autoscaling.create_or_update_tags(Tags=[{
+            "ResourceId": group.name, "ResourceType": "auto-scaling-group", "Key": key,
+            "Value": handler._tag_value(value), "PropagateAtLaunch": False} for key, value in tags.items()])
+    except (ClientError, BotoCoreError) as exc:
+        run.fail("group tags", exc)
+        return f"set desired capacity {group.desired} -> {desired}; tagging failed ({handler._code(exc)})"
     return f"set desired capacity {group.desired} -> {desired}"
+
+
+def capacity_tags(at_iso: str, by: str, reason: str, before: int, after: int) -> dict[str, str]:
+    """The group's tags for one change of its desired capacity (see CAPACITY_AT_TAG)."""
+    return {CAPACITY_AT_TAG: at_iso, CAPACITY_BY_TAG: by, CAPACITY_REASON_TAG: reason[:256],
+            CAPACITY_FROM_TAG: str(before), CAPACITY_TO_TAG: str(after)}

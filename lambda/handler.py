@@ -890,7 +890,7 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
         # A state change is recorded, not decided on (the schedule and the alarm decide).
         logging.getLogger("gpuctl.history").setLevel(logger.level)
         change = history.record_event(event, history.HistoryConfig.from_env(os.environ), clients.ec2,
-                                      clients.dynamodb)
+                                      clients.dynamodb, autoscaling=clients.autoscaling)
         if any(e["fact"] in ("store state change", "fleet membership") for e in change["errors"]):
             raise history.HistoryRecordFailed(f"the state change {change.get('state')} of "
                                               f"{change.get('instance_id')} was not stored: {change['errors']}")

@@ -30,8 +30,11 @@ state change of the account and region, and only the group's members are recorde
 other instance is skipped (``skipped`` in the record, logged at DEBUG, nothing stored). When membership cannot
 be read (DescribeInstances failed), the record says so and the handler raises, so the event is kept in the
 scheduler's failure queue (its dead-letter queue: async invocations are not retried) rather than stored for
-an instance that may not be ours. A member started or stopped by Auto Scaling (no fresh gpuctl tag) has the
-cause ``autoscaling``, by the group.
+an instance that may not be ours. A member's change without a fresh gpuctl tag of its own is explained by the
+group's last capacity change (the ``gpuctl:capacity-*`` tags every gpuctl change of the desired capacity
+writes: the scheduler with its reason, a submit, ``gpuctl fleet scale``) when that change is fresh and went the
+same way (a raise for a start, a lowering for a stop); otherwise its cause is ``autoscaling``, by the group
+(a health replacement, a rebalance, the console).
 
 Environment: HISTORY_TABLE (required for recording; unset: events are logged and not stored),
 HISTORY_TTL_DAYS (default 400), FLEET_GROUP and INSTANCE_ID (fleet mode, above). Local mode (moto emits no
@@ -53,9 +56,11 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+import fleet
 from decide import parse_time
 
 if TYPE_CHECKING:
+    from mypy_boto3_autoscaling import AutoScalingClient
     from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_ec2 import EC2Client
 
@@ -164,12 +169,33 @@ def attribute(state: str, tags: Mapping[str, str], event_at: float) -> Cause:
         return unknown
     if opposite_at is not None and opposite_at > tagged_at:
         return unknown  # the tag is from an earlier change: a later opposite one came after it
-    by = tags.get(prefix + "by") or None
-    reason = tags.get(prefix + "reason") or None
+    return _cause(tags.get(prefix + "by") or None, tags.get(prefix + "reason") or None)
+
+
+def _cause(by: str | None, reason: str | None) -> Cause:
     if by == "gpuctl-cli" and reason == "job submitted":
         return Cause("submit", by, reason)
-    cause = _ACTORS.get(by or "", by or "other")
-    return Cause(cause, by, reason)
+    return Cause(_ACTORS.get(by or "", by or "other"), by, reason)
+
+
+def group_cause(state: str, group_tags: Mapping[str, str], event_at: float) -> Cause | None:
+    """A fleet member's change explained by the group's last capacity change (lambda/fleet.py's capacity tags):
+    a start-type state after a fresh raise, a stop-type state after a fresh lowering; else None."""
+    at = parse_time(group_tags.get(fleet.CAPACITY_AT_TAG))
+    if at is None or not (event_at - TAG_FRESH_SECONDS <= at <= event_at + TAG_SKEW_SECONDS):
+        return None
+    try:
+        before, after = int(group_tags.get(fleet.CAPACITY_FROM_TAG, "")), int(group_tags.get(fleet.CAPACITY_TO_TAG, ""))
+    except ValueError:
+        return None
+    if (state in START_STATES and after > before) or (state in STOP_STATES and after < before):
+        return _cause(group_tags.get(fleet.CAPACITY_BY_TAG) or None, group_tags.get(fleet.CAPACITY_REASON_TAG) or None)
+    return None
+
+
+def _group_tags(autoscaling: AutoScalingClient, group: str) -> dict[str, str]:
+    groups = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[group]).get("AutoScalingGroups") or []
+    return {t["Key"]: t.get("Value", "") for g in groups for t in g.get("Tags", []) if "Key" in t}
 
 
 def _describe(ec2: EC2Client, instance_id: str) -> tuple[dict[str, str], str | None] | None:
@@ -188,7 +214,7 @@ def _describe(ec2: EC2Client, instance_id: str) -> tuple[dict[str, str], str | N
 
 
 def record_event(event: Mapping[str, Any], config: HistoryConfig, ec2: EC2Client, ddb: DynamoDBClient,
-                 *, now: float | None = None) -> dict[str, Any]:
+                 *, now: float | None = None, autoscaling: AutoScalingClient | None = None) -> dict[str, Any]:
     """Store one state-change event; return the record (also logged as one JSON line).
 
     The record's ``errors`` lists what failed: the tags could not be read (the cause is then ``unknown``,
@@ -232,6 +258,11 @@ def record_event(event: Mapping[str, Any], config: HistoryConfig, ec2: EC2Client
                        + (f" (of {group})" if group else "" if described else " (EC2 does not know it)")})
         logger.debug(json.dumps(record, sort_keys=True, default=str))
         return record
+    if group and group == config.fleet_group and cause.cause == "autoscaling" and autoscaling is not None:
+        try:
+            cause = group_cause(state, _group_tags(autoscaling, group), at) or cause
+        except (ClientError, BotoCoreError) as exc:  # the change is still stored, as made by Auto Scaling
+            errors.append({"fact": "group tags", "code": _code(exc), "message": str(exc)[:300]})
     key = at + STATE_RANK[state] / 10.0
     record.update({"at": key, "at_iso": event.get("time"), "cause": cause.cause, "by": cause.by,
                    "reason": cause.reason, "instance_type": instance_type, "group": group})

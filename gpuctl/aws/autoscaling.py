@@ -13,12 +13,20 @@ from gpuctl.errors import NotFound
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
 
-__all__ = ["FLOOR_REASON_TAG", "FLOOR_TAG", "FLOOR_UNTIL_TAG", "FleetGroup", "GroupInfo", "Member"]
+__all__ = ["CAPACITY_AT_TAG", "CAPACITY_BY_TAG", "CAPACITY_FROM_TAG", "CAPACITY_REASON_TAG", "CAPACITY_TO_TAG",
+           "FLOOR_REASON_TAG", "FLOOR_TAG", "FLOOR_UNTIL_TAG", "FleetGroup", "GroupInfo", "Member"]
 
 #: The scheduler's names (lambda/fleet.py): a manual floor and until when it holds.
 FLOOR_TAG = "gpuctl:floor"
 FLOOR_UNTIL_TAG = "gpuctl:floor-until"
 FLOOR_REASON_TAG = "gpuctl:floor-reason"
+#: Who last changed the desired capacity, why, from and to what (lambda/fleet.py writes the same; the history
+#: names a member's start or stop after it).
+CAPACITY_AT_TAG = "gpuctl:capacity-at"
+CAPACITY_BY_TAG = "gpuctl:capacity-by"
+CAPACITY_REASON_TAG = "gpuctl:capacity-reason"
+CAPACITY_FROM_TAG = "gpuctl:capacity-from"
+CAPACITY_TO_TAG = "gpuctl:capacity-to"
 #: The lifecycle hook the stack puts on scale-in (infra/cloudformation.yaml, FleetGroup).
 DRAIN_HOOK = "gpuctl-drain"
 

@@ -75,12 +75,21 @@ def ensure_capacity(gw: Gateways) -> StartOutcome:
     except GpuctlError as exc:
         return StartOutcome("failed", warning=f"the job is queued, but the fleet was not scaled out: {exc}", error=exc)
     warning = None
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
-        gw.fleet.set_tags({SCALED_OUT_AT_TAG: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        gw.fleet.set_tags({SCALED_OUT_AT_TAG: now, **capacity_tags(now, "gpuctl-cli", "job submitted", 0, 1)})
     except GpuctlError as exc:
         warning = f"the fleet was scaled out, but its gpuctl:scaled-out-at tag was not written: {exc}"
     log.info("submit.fleet_scaled_out", extra={"group": gw.fleet.name})
     return StartOutcome("started", "1 desired", warning=warning)
+
+
+def capacity_tags(at_iso: str, by: str, reason: str, before: int, after: int) -> dict[str, str]:
+    """The group's tags for one change of its desired capacity (as lambda/fleet.py's ``capacity_tags``)."""
+    from gpuctl.aws import autoscaling as names
+
+    return {names.CAPACITY_AT_TAG: at_iso, names.CAPACITY_BY_TAG: by, names.CAPACITY_REASON_TAG: reason[:256],
+            names.CAPACITY_FROM_TAG: str(before), names.CAPACITY_TO_TAG: str(after)}
 
 
 # --- status -------------------------------------------------------------------------------------------
@@ -210,6 +219,12 @@ def scale(gw: Gateways, count: int, duration: str | None = None, reason: str | N
     desired = max(group.desired, count)
     if desired != group.desired:
         fleet.set_desired(desired)
+        stamp_now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now))
+        why = f"fleet scale {count}" + (f": {reason}" if reason else "")
+        try:
+            fleet.set_tags(capacity_tags(stamp_now, "gpuctl-cli", why, group.desired, desired))
+        except GpuctlError as exc:  # the change is made; only the history's cause for it is lost
+            log.warning("fleet.capacity_tags_failed", extra={"group": group.name, "error": str(exc)})
     log.info("fleet.floor", extra={"group": group.name, "floor": count, "until": until})
     return ScaleResult(group.name, count, float(until), reason[:256] if reason else None, group.desired, desired,
                        group.max_size)

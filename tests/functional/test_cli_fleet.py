@@ -111,3 +111,30 @@ def test_jobs_show_the_instance_that_ran_them(fleet_env: dict[str, str], server_
     assert "i-0123456789abcdef0" in shown.stdout
     doc = as_json(invoke(["status", record.task_id, "-o", "json"], fleet_env, capsys), "status")
     assert doc["instance_id"] == "i-0123456789abcdef0"
+
+
+def group_tags(endpoint: str | None) -> dict[str, str]:
+    from tests.helpers import _test_client
+
+    g = _test_client("autoscaling", endpoint).describe_auto_scaling_groups(
+        AutoScalingGroupNames=[FLEET_GROUP])["AutoScalingGroups"][0]
+    return {t["Key"]: t["Value"] for t in g["Tags"]}
+
+
+def test_submit_and_scale_tag_the_capacity_change_they_make(fleet_env: dict[str, str], server_aws: Resources,
+                                                            tmp_path: Any, capsys: Any) -> None:
+    """GIVEN a fleet at 0 WHEN a submit raises it to 1, then `fleet scale 3 --reason` to 3 THEN the group's capacity
+    tags name each change, its reason and its sizes (the history names the members' starts after them)."""
+    from tests.helpers import make_image
+
+    submitted = invoke(["submit", "camera-angle", str(make_image(tmp_path / "in.png")), "-q"], fleet_env, capsys)
+    assert submitted.code == 0, submitted.stderr
+    tags = group_tags(server_aws.endpoint_url)
+    assert (tags["gpuctl:capacity-by"], tags["gpuctl:capacity-reason"]) == ("gpuctl-cli", "job submitted")
+    assert (tags["gpuctl:capacity-from"], tags["gpuctl:capacity-to"]) == ("0", "1")
+    assert tags["gpuctl:capacity-at"] == tags["gpuctl:scaled-out-at"]
+
+    assert invoke(["fleet", "scale", "3", "--reason", "release batch", "-q"], fleet_env, capsys).code == 0
+    tags = group_tags(server_aws.endpoint_url)
+    assert tags["gpuctl:capacity-reason"] == "fleet scale 3: release batch"
+    assert (tags["gpuctl:capacity-from"], tags["gpuctl:capacity-to"]) == ("1", "3")

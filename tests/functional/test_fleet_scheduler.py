@@ -56,7 +56,10 @@ def test_backlog_scales_out_then_idle_fleet_returns_to_zero(fleet: Any) -> None:
     assert record["outcome"] == "set desired capacity 0 -> 3"
     g = group()
     assert g["DesiredCapacity"] == 3 and len(g["Instances"]) == 3
-    assert any(t["Key"] == "gpuctl:scaled-out-at" for t in g["Tags"])
+    tags = {t["Key"]: t["Value"] for t in g["Tags"]}
+    assert "gpuctl:scaled-out-at" in tags
+    assert (tags["gpuctl:capacity-by"], tags["gpuctl:capacity-reason"]) == ("gpuctl-scheduler", record["reason"])
+    assert (tags["gpuctl:capacity-from"], tags["gpuctl:capacity-to"]) == ("0", "3")
 
     drain(aws)
     inside = handler.run_once(config, clients, now=now + 60, trigger="schedule")
@@ -64,6 +67,34 @@ def test_backlog_scales_out_then_idle_fleet_returns_to_zero(fleet: Any) -> None:
     done = handler.run_once(config, clients, now=now + IDLE + 120, trigger="schedule")
     assert (done["desired"], done["code"], done["outcome"]) == (0, "idle", "set desired capacity 1 -> 0")
     assert group()["DesiredCapacity"] == 0
+    tags = {t["Key"]: t["Value"] for t in group()["Tags"]}
+    assert (tags["gpuctl:capacity-from"], tags["gpuctl:capacity-to"]) == ("1", "0")
+
+
+def test_members_started_by_a_scale_out_are_recorded_as_the_scheduler_s(fleet: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                       ) -> None:
+    """GIVEN the scheduler scaled the fleet out for a backlog WHEN the new members' state changes arrive THEN the
+    history names the scheduler and its reason as their cause (from the group's capacity tags)."""
+    import history
+    from tests.helpers import create_history_table
+
+    aws, config, clients = fleet
+    table = create_history_table(boto3.session.Session())
+    send(aws, 3)
+    now = time.time()
+    record = handler.run_once(config, clients, now=now, trigger="schedule")
+    members = [i["InstanceId"] for i in group()["Instances"]]
+    assert len(members) == 2
+    history_config = history.HistoryConfig(table, fleet_group=config.fleet_group)
+    for instance_id in members:
+        change = history.record_event(history.state_change_event(instance_id, "running", at=now + 40),
+                                      history_config, clients.ec2, clients.dynamodb, autoscaling=clients.autoscaling)
+        assert (change["cause"], change["by"], change["reason"]) == ("scheduler", "gpuctl-scheduler",
+                                                                     record["reason"]), change
+    # A stop of a member is not explained by that raise: Auto Scaling did it (a replacement, a rebalance)
+    stopped = history.record_event(history.state_change_event(members[0], "stopping", at=now + 90), history_config,
+                                   clients.ec2, clients.dynamodb, autoscaling=clients.autoscaling)
+    assert (stopped["cause"], stopped["by"]) == ("autoscaling", config.fleet_group)
 
 
 def test_protected_instance_is_never_scaled_in(fleet: Any) -> None:

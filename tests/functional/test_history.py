@@ -282,3 +282,26 @@ def test_membership_that_cannot_be_read_fails_the_invocation(fleet: tuple[list[s
     with pytest.raises(history.HistoryRecordFailed, match="fleet membership"):
         handler.lambda_handler(event("running", members[0]), None)
     assert items(members[0]) == []
+
+
+def test_a_member_stopped_after_the_scheduler_lowered_the_capacity_is_the_scheduler_s(
+        fleet: tuple[list[str], str]) -> None:
+    """The group's fresh capacity tags (2 -> 1 by the scheduler) explain a member's stop; not a start."""
+    import fleet as fleet_module
+
+    # GIVEN the scheduler lowered the capacity 30 s before the events
+    members, _outsider = fleet
+    tags = fleet_module.capacity_tags("2026-11-30T08:59:30Z", "gpuctl-scheduler", "idle: queue empty", 2, 1)
+    boto3.client("autoscaling", region_name=REGION).create_or_update_tags(Tags=[
+        {"ResourceId": FLEET_GROUP, "ResourceType": "auto-scaling-group", "Key": k, "Value": v,
+         "PropagateAtLaunch": False} for k, v in tags.items()])
+    try:
+        # WHEN a member stops, and another starts (Auto Scaling replacing one)
+        stopped = handler.lambda_handler(event("stopping", members[0]), None)
+        started = handler.lambda_handler(event("pending", members[1]), None)
+    finally:
+        boto3.client("autoscaling", region_name=REGION).delete_tags(Tags=[
+            {"ResourceId": FLEET_GROUP, "ResourceType": "auto-scaling-group", "Key": k} for k in tags])
+    # THEN
+    assert (stopped["cause"], stopped["reason"]) == ("scheduler", "idle: queue empty")
+    assert (started["cause"], started["by"]) == ("autoscaling", FLEET_GROUP)

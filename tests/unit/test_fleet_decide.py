@@ -193,3 +193,5 @@ def test_the_lambda_and_the_cli_use_the_same_tag_names() -> None:
     assert (fleet.FLOOR_TAG, fleet.FLOOR_UNTIL_TAG, fleet.FLOOR_REASON_TAG) == (
         autoscaling.FLOOR_TAG, autoscaling.FLOOR_UNTIL_TAG, autoscaling.FLOOR_REASON_TAG)
     assert fleet.SCALED_OUT_AT_TAG == fleet_service.SCALED_OUT_AT_TAG
+    assert fleet.capacity_tags("2026-12-01T00:00:00Z", "gpuctl-cli", "why", 1, 2) == fleet_service.capacity_tags(
+        "2026-12-01T00:00:00Z", "gpuctl-cli", "why", 1, 2)
