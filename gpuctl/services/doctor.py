@@ -17,6 +17,7 @@ from gpuctl.errors import GpuctlError
 
 if TYPE_CHECKING:
     from gpuctl.aws.cfn import StackInfo
+    from gpuctl.aws.ec2 import InstanceInfo
     from gpuctl.aws.scheduler import FunctionInfo
     from gpuctl.services.context import Gateways
 
@@ -70,6 +71,8 @@ class _Context:
         self.stack = stack
         self.outputs = stack.outputs
         self._function: FunctionInfo | None = None
+        #: Fleet mode (the stack's FleetGroupName output): the group instead of one instance.
+        self.fleet_group = stack.outputs.get("FleetGroupName") or None
 
     def function(self) -> FunctionInfo:
         if self._function is None:
@@ -179,19 +182,52 @@ def _rules(ctx: _Context, tun: AdapterTunables) -> list[Finding]:
 def _environment(ctx: _Context, tun: AdapterTunables) -> list[Finding]:
     env = ctx.function().environment
     expected = {"QUEUE_URL": "QueueUrl", "TABLE_NAME": "TableName", "INSTANCE_ID": "InstanceId",
-                "DLQ_URL": "DeadLetterQueueUrl", "HISTORY_TABLE": "HistoryTableName"}
+                "DLQ_URL": "DeadLetterQueueUrl", "HISTORY_TABLE": "HistoryTableName", "FLEET_GROUP": "FleetGroupName"}
     wrong = [f"{var}={env.get(var)!r} (the stack's {output} is {ctx.outputs[output]!r})"
-             for var, output in expected.items() if output in ctx.outputs and env.get(var) != ctx.outputs[output]]
+             for var, output in expected.items()
+             if ctx.outputs.get(output) and env.get(var) != ctx.outputs[output]]
     if wrong:
         return [Finding("scheduler.environment", "fail", "the scheduler watches something else than the stack: "
                         + "; ".join(wrong), "redeploy the stack (gpuctl deploy) instead of editing the function")]
-    return [Finding("scheduler.environment", "pass", "the scheduler's queue, table, instance and history table "
+    what = "fleet group" if ctx.fleet_group else "instance"
+    return [Finding("scheduler.environment", "pass", f"the scheduler's queue, table, {what} and history table "
                     "are the stack's")]
+
+
+def _members(ctx: _Context) -> list[InstanceInfo]:
+    """Fleet mode: the group's instances as EC2 describes them (warm pool included)."""
+    from gpuctl.aws.autoscaling import FleetGroup
+    from gpuctl.aws.ec2 import Instances
+
+    assert ctx.fleet_group is not None
+    ids = [m.instance_id for m in FleetGroup(ctx.gw.clients.client("autoscaling"), ctx.fleet_group).describe().members]
+    return Instances(ctx.gw.clients.ec2).describe(ids) if ids else []
+
+
+def _fleet_profile(ctx: _Context) -> list[Finding]:
+    wanted = ctx.outputs.get("InstanceProfileArn")
+    members = [i for i in _members(ctx) if i.state not in ("shutting-down", "terminated")]
+    if not members:
+        return [Finding("instance.profile", "pass", f"the fleet {ctx.fleet_group} has no instance now "
+                        "(its launch template decides the next one's profile)")]
+    wrong = [i for i in members if i.profile_arn != wanted]
+    if wrong:
+        listed = ", ".join(f"{i.instance_id} ({i.profile_arn or 'none'})" for i in wrong)
+        return [Finding("instance.profile", "fail",
+                        f"{len(wrong)} of the fleet's {len(members)} instance(s) lack the stack's instance profile "
+                        f"{wanted}: {listed}; their adapters cannot read the queue or write results",
+                        "give the fleet's launch template the stack's instance profile (gpuctl deploy --fleet "
+                        "builds one with it), then replace the instances (aws autoscaling "
+                        "start-instance-refresh)")]
+    return [Finding("instance.profile", "pass",
+                    f"the fleet's {len(members)} instance(s) have the stack's instance profile")]
 
 
 def _instance_profile(ctx: _Context, tun: AdapterTunables) -> list[Finding]:
     from gpuctl.aws.ec2 import GpuInstance
 
+    if ctx.fleet_group:
+        return _fleet_profile(ctx)
     info = GpuInstance(ctx.gw.clients.ec2, ctx.outputs["InstanceId"]).describe()
     wanted = ctx.outputs.get("InstanceProfileArn")
     if info.profile_arn != wanted:
@@ -254,7 +290,7 @@ def _profile(ctx: _Context, tun: AdapterTunables) -> list[Finding]:
     settings = ctx.gw.settings
     wrong, unset = [], []
     for output, name in OUTPUT_SETTINGS.items():
-        if output not in ctx.outputs or name == "region":
+        if not ctx.outputs.get(output) or name == "region":  # "": not used (InstanceId in fleet mode)
             continue
         value = getattr(settings, name)
         if value in (None, ""):
@@ -273,16 +309,25 @@ def _heartbeat(ctx: _Context, tun: AdapterTunables) -> list[Finding]:
     from gpuctl.aws.dynamo import JobTable
     from gpuctl.aws.ec2 import GpuInstance
 
-    info = GpuInstance(ctx.gw.clients.ec2, ctx.outputs["InstanceId"]).describe()
-    if info.state != "running":
-        return [Finding("adapter.heartbeat", "pass", f"the instance is {info.state}: no adapter is expected")]
+    if ctx.fleet_group:
+        running = [i for i in _members(ctx) if i.state == "running"]
+        if not running:
+            return [Finding("adapter.heartbeat", "pass", f"no instance of the fleet {ctx.fleet_group} runs: no "
+                            "adapter is expected")]
+        # One marker for the whole fleet: it shows the latest report of any of its adapters.
+        subject, whose = f"{len(running)} instance(s) of the fleet run", "the latest of their adapters"
+    else:
+        info = GpuInstance(ctx.gw.clients.ec2, ctx.outputs["InstanceId"]).describe()
+        if info.state != "running":
+            return [Finding("adapter.heartbeat", "pass", f"the instance is {info.state}: no adapter is expected")]
+        subject, whose = "the instance runs", "its adapter"
     activity = JobTable(ctx.gw.clients.dynamodb, ctx.outputs["TableName"]).read_activity()
     seen = activity.adapter_seen_at
     age = None if seen is None else time.time() - seen
     if age is None or age > HEARTBEAT_FRESH_SECONDS or activity.adapter_state not in ("running", "draining"):
         when = "never" if age is None else f"{age:.0f} s ago ({activity.adapter_state})"
         return [Finding("adapter.heartbeat", "fail",
-                        f"the instance runs but its adapter last reported {when}: queued jobs are not processed "
+                        f"{subject} but {whose} last reported {when}: queued jobs are not processed "
                         "and the GPU is paid for",
                         "on the instance: systemctl status gpuctl-adapter; journalctl -u gpuctl-adapter")]
     return [Finding("adapter.heartbeat", "pass", f"the adapter reported {age:.0f} s ago ({activity.adapter_state})")]
