@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import boto3
 import jsonschema
@@ -15,8 +14,8 @@ import history
 from gpuctl import schemas
 from tests.helpers import (
     FLEET_GROUP,
-    REGION,
     Resources,
+    _test_client,
     create_fleet_group,
     create_history_table,
     create_resources,
@@ -26,11 +25,6 @@ from tests.helpers import (
 CAMERA = "/api/v1/camera-angle/jobs"
 
 pytestmark = pytest.mark.server
-
-
-def client(name: str, endpoint: str) -> Any:
-    return boto3.client(name, region_name=REGION, endpoint_url=endpoint, aws_access_key_id="testing",
-                        aws_secret_access_key="testing")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def fleet(moto_server: str) -> tuple[Resources, list[str], str]:
     res = create_resources(session, moto_server)
     table = create_history_table(session, moto_server)
     create_fleet_group(session, moto_server)
-    autoscaling, ec2, ddb = (client(n, moto_server) for n in ("autoscaling", "ec2", "dynamodb"))
+    autoscaling, ec2, ddb = (_test_client(n, moto_server) for n in ("autoscaling", "ec2", "dynamodb"))
     autoscaling.set_desired_capacity(AutoScalingGroupName=FLEET_GROUP, DesiredCapacity=2)
     a, b = sorted(i["InstanceId"] for i in autoscaling.describe_auto_scaling_groups(
         AutoScalingGroupNames=[FLEET_GROUP])["AutoScalingGroups"][0]["Instances"])
