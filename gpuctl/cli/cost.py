@@ -146,6 +146,9 @@ def simulate(
     hourly_price: PriceOpt = None,
     max_p95_wait: Annotated[float, typer.Option(
         "--max-p95-wait", min=0, help="Recommend the cheapest window with a p95 extra wait up to this (s).")] = 120.0,
+    jobs_per_instance: Annotated[int, typer.Option(
+        "--jobs-per-instance", help="Fleet mode: the stack's FleetJobsPerInstance, as the replay's scheduler "
+        "sizes the group.")] = 4,
     output: OutputOpt = None,
     quiet: Annotated[bool, quiet_opt("the recommended idle window, in minutes")] = False,
 ) -> None:
@@ -167,7 +170,7 @@ def simulate(
     out = state(ctx).renderer(output, quiet)
     windows = parse_windows(idle)
     result = run(state(ctx).gateways, windows=windows, since_seconds=parse_duration(since, option="--since"),
-                 hourly=hourly_price, max_p95_wait=max_p95_wait)
+                 hourly=hourly_price, max_p95_wait=max_p95_wait, jobs_per_instance=jobs_per_instance)
     for warning in result.warnings:
         out.warn(warning)
     doc = result.document()
@@ -182,7 +185,9 @@ def simulate(
               [[f"{w['idle_window_seconds'] / 60:g} min" + (" *" if w["idle_window_seconds"] == best else ""),
                 f"{w['gpu_hours']:.2f}", _money(w["cost"]), w["cold_starts"], f"{w['extra_wait_p50_seconds']:.0f} s",
                 f"{w['extra_wait_p95_seconds']:.0f} s"] for w in doc["windows"]])
-    out.note(f"{doc['jobs']} jobs replayed, boot {doc['boot_seconds']:.0f} s "
+    fleet = (f" on the fleet {doc['fleet_group']} (up to {doc['max_instances']} instances, "
+             f"{doc['jobs_per_instance']} jobs each)") if doc["fleet_group"] else ""
+    out.note(f"{doc['jobs']} jobs replayed{fleet}, boot {doc['boot_seconds']:.0f} s "
              f"({doc['boots_measured']} measured).")
     if best is not None:
         out.note(f"Recommended (*): an idle window of {best / 60:g} min — the cheapest with a p95 extra wait of at "

@@ -104,17 +104,25 @@ def test_fleet_report_text_has_a_line_per_instance(
     assert a in result.stdout and b in result.stdout and "$1.01/h" in result.stdout
 
 
-def test_fleet_simulate_leaves_out_canaries_and_says_it_models_one_instance(
+def test_fleet_simulate_replays_the_group_and_leaves_out_canaries(
         fleet: tuple[Resources, list[str], float], capsys: pytest.CaptureFixture[str]) -> None:
-    """cost simulate in fleet mode: the two real jobs are replayed, the canary is not, and both are said."""
+    """cost simulate in fleet mode: the two real jobs replayed on the group (its maximum, --jobs-per-instance),
+    the canary left out and said; text names the fleet."""
     # GIVEN
     res, _members, _t0 = fleet
     # WHEN
-    result = invoke(["cost", "simulate", "--idle", "5m,30m", "--since", "1d", "--output", "json"], res.env(), capsys)
+    result = invoke(["cost", "simulate", "--idle", "5m,30m", "--since", "1d", "--jobs-per-instance", "2",
+                     "--output", "json"], res.env(), capsys)
+    text = invoke(["cost", "simulate", "--idle", "5m,30m", "--since", "1d"], res.env(), capsys)
+    bad = invoke(["cost", "simulate", "--jobs-per-instance", "0"], res.env(), capsys)
     # THEN
     assert result.code == 0, result.stderr
     doc = json.loads(result.stdout)
     jsonschema.validate(doc, schemas.definition("cost simulate"))
-    assert doc["jobs"] == 2
+    assert (doc["jobs"], doc["fleet_group"], doc["max_instances"], doc["jobs_per_instance"]) == (
+        2, FLEET_GROUP, 4, 2)
     assert any("1 job(s) of gpuctl doctor --canary are left out" in w for w in doc["warnings"])
-    assert any("Fleet mode: the replay models one instance" in w for w in doc["warnings"])
+    short, long = doc["windows"]
+    assert short["gpu_hours"] <= long["gpu_hours"] and short["cold_starts"] >= 1
+    assert text.code == 0 and f"on the fleet {FLEET_GROUP} (up to 4 instances, 4 jobs each)" in text.stderr
+    assert bad.code == 2 and "--jobs-per-instance must be at least 1" in bad.stderr

@@ -73,3 +73,47 @@ def test_windows_parse_sorted_and_unique() -> None:
     """5m,15m,30m,60m in any order, repeated or not."""
     # GIVEN / WHEN / THEN
     assert parse_windows("60m,5m,15m,30m,5m") == [300, 900, 1800, 3600]
+
+
+# ------------------------------------------------------------------ fleet mode: the group's own decide_capacity
+
+
+def fleet_replay(jobs: list[SimJob], window: float, *, boot: float = 60, max_instances: int = 4) -> Outcome:
+    import fleet
+    from gpuctl.services.simulate import replay_fleet
+
+    return replay_fleet(jobs, window, boot=boot, max_instances=max_instances, jobs_per_instance=4,
+                        decide_module=decide, fleet_module=fleet)
+
+
+def test_fleet_replay_of_one_job_scales_to_one_and_back_to_zero() -> None:
+    """One job: submit raises the group to 1, it boots 60 s, runs 100 s; the minute schedule lets it go at the first
+    run past the idle window and the clock skew after the finish."""
+    # GIVEN a job at T (a whole minute), 5-minute window
+    # WHEN
+    outcome = fleet_replay([SimJob(T, 100)], 300)
+    # THEN finished at T+160; window + skew end at T+520; the run at T+540 scales in to 0
+    assert (outcome.billed_seconds, outcome.cold_starts, outcome.waits) == (540, 1, (60.0,))
+
+
+def test_fleet_replay_scales_out_for_a_burst() -> None:
+    """16 jobs at once, 4 per instance: the scheduler's run raises the group to 4 at once; every job waits only
+    the boot against a fleet that never scales in."""
+    # GIVEN / WHEN
+    outcome = fleet_replay([SimJob(T, 100) for _ in range(16)], 300)
+    # THEN
+    assert outcome.cold_starts == 4
+    assert outcome.waits == (60.0,) * 16
+    assert outcome.billed_seconds >= 4 * 160  # each ran from its launch past its last job
+
+
+def test_fleet_replay_window_trades_gpu_time_for_cold_starts() -> None:
+    """Jobs 20 minutes apart: with a 5-minute window the group goes to 0 between them, with 30 minutes it stays."""
+    # GIVEN
+    jobs = [SimJob(T + k * 1200, 60) for k in range(4)]
+    # WHEN
+    short, long = fleet_replay(jobs, 300), fleet_replay(jobs, 1800)
+    # THEN
+    assert (short.cold_starts, long.cold_starts) == (4, 1)
+    assert short.waits == (60.0,) * 4 and long.waits == (60.0, 0.0, 0.0, 0.0)
+    assert short.billed_seconds < long.billed_seconds
