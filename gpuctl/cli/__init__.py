@@ -129,28 +129,19 @@ COMPLETE_VAR = "_GPUCTL_COMPLETE"
 
 
 def _add(root_app: typer.Typer, group: str) -> None:
-    """Register one top-level command (or group of commands) on ``root_app``."""
-    from gpuctl.cli import adapter, config, cost, deploy, doctor, fleet, instance, jobs, local, queue, submit
+    """Register one top-level command (or group of commands) on ``root_app``, importing only its module."""
+    import importlib
 
-    sub_apps = {"submit": submit.app, "instance": instance.app, "queue": queue.app, "config": config.app,
-                "adapter": adapter.app, "cost": cost.app, "fleet": fleet.app}
-    if group in sub_apps:
-        root_app.add_typer(sub_apps[group], name=group)
-    elif group == "jobs":
-        jobs.register(root_app)
-    elif group == "deploy":
-        deploy.register(root_app)
-    elif group == "doctor":
-        doctor.register(root_app)
-    elif group == "local":
-        root_app.add_typer(local.app, name="local")
-        local.register_demo(root_app)
-    elif group == "serve":
-        from gpuctl.cli import serve
-
-        serve.register(root_app)
-    else:
+    if group == "completion":
         root_app.command("completion")(completion)
+        return
+    module = importlib.import_module(f"gpuctl.cli.{group}")
+    if group in ("jobs", "deploy", "doctor", "serve"):
+        module.register(root_app)
+    else:
+        root_app.add_typer(module.app, name=group)
+        if group == "local":
+            module.register_demo(root_app)
 
 
 #: Top-level command → the group `_add` registers it with.
