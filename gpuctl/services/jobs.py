@@ -116,7 +116,8 @@ def get_job(gw: Gateways, job_id: str) -> JobRecord:
         UsageError: ``job_id`` is not a UUID.
         NotFound: there is no such job.
     """
-    return gw.table.get(parse_job_id(job_id))
+    task_id = parse_job_id(job_id)  # before the table: a bad id costs no AWS client
+    return gw.table.get(task_id)
 
 
 @dataclass(frozen=True)
