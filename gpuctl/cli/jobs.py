@@ -115,8 +115,11 @@ def follow(ctx: typer.Context, job_ids: Sequence[str], *, timeout: float | None,
         JobFailed: a job ended failed (exit 1).
         WaitTimeout: time ran out first (exit 3).
     """
+    from gpuctl.services.jobs import parse_job_id
     from gpuctl.services.watch import watch_jobs
 
+    for job_id in job_ids:
+        parse_job_id(job_id)  # a bad id is refused before the table's client is built
     gw = state(ctx).gateways
     view = _view(out)
     with view:

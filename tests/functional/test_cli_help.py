@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -64,3 +65,22 @@ def test_help_does_not_import_boto3(args: list[str]) -> None:
     # Typer itself loads pydantic for some parameter types; the root help must not need it.
     allowed = set() if args == ["--help"] else {"pydantic"}
     assert loaded <= allowed
+
+
+@pytest.mark.parametrize("args", [["status", "job-1"], ["watch", "not-an-id"]])
+def test_a_bad_job_id_is_refused_before_any_aws_client(args: list[str]) -> None:
+    """A job id that is not one exits 2 with its sentence, in a fresh interpreter that never loaded boto3."""
+    code = (
+        "import sys\n"
+        "from gpuctl.__main__ import main\n"
+        f"rc = main({args!r})\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'boto3', 'botocore'})\n"
+        "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    env = {**os.environ, "GPUCTL_TABLE_NAME": "t", "GPUCTL_REGION": "us-east-1", "GPUCTL_QUEUE_URL": "q"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
+                          env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "is not a job id" in proc.stderr
+    assert proc.stderr.rsplit("HEAVY=", 1)[1].strip() == ""
