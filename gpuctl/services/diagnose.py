@@ -1,7 +1,8 @@
 """Why a job waits, where gpuctl can tell: the instance's state, the queue and the activity marker.
 
 `gpuctl status` asks :func:`diagnose_job` for every job it shows; only a ``pending`` GPU job is looked into, so
-the status of anything else costs nothing extra. The causes it knows:
+the status of anything else costs nothing extra, and a pending one while an adapter polls costs one read of the
+activity marker (no EC2 call). The causes it knows:
 
 * ``instance-stopped``: the GPU instance is stopped or stopping, so nothing can take the job (however young);
 * ``instance-terminated`` / ``instance-missing``: the configured instance will never run anything;
@@ -25,6 +26,7 @@ from gpuctl.models import JobStatus
 from gpuctl.times import ago, parse_time
 
 if TYPE_CHECKING:
+    from gpuctl.aws.dynamo import Activity
     from gpuctl.aws.ec2 import InstanceInfo
     from gpuctl.models import JobRecord
     from gpuctl.services.context import Gateways
@@ -64,6 +66,12 @@ def diagnose_job(gw: Gateways, record: JobRecord, *, now: float | None = None) -
 
 
 def _diagnose(gw: Gateways, record: JobRecord, now: float) -> Diagnosis | None:
+    # The marker first (the table's own client): an adapter that reported polling within a minute, with no stop
+    # fenced since, means the instance runs and takes work: no cause to tell, and no EC2 client to build (the
+    # one check submit also trusts to skip EC2). A hard stop in that last minute is told once the report ages.
+    activity = gw.table.read_activity()
+    if activity.adapter_fresh(now):
+        return None
     try:
         info = gw.instance.describe()
     except NotFound:
@@ -86,14 +94,11 @@ def _diagnose(gw: Gateways, record: JobRecord, now: float) -> Diagnosis | None:
     started = _last_start(info)
     if now - record.created_at < stuck_after or (started is not None and now - started < stuck_after):
         return None  # not waiting long, or the instance is still booting
-    return _nothing_polling(gw, record, info, started, now)
+    return _nothing_polling(gw, record, info, started, now, activity)
 
 
 def _nothing_polling(gw: Gateways, record: JobRecord, info: InstanceInfo, started: float | None,
-                     now: float) -> Diagnosis | None:
-    activity = gw.table.read_activity()
-    if activity.adapter_fresh(now):
-        return None
+                     now: float, activity: Activity) -> Diagnosis | None:
     stats = gw.queue.stats()
     seen_at = activity.adapter_seen_at
     if seen_at is None:

@@ -149,3 +149,20 @@ def test_status_says_why_on_stderr_and_in_json(server_aws: Resources) -> None:
     assert doc.returncode == 0
     assert json.loads(doc.stdout)["diagnosis"]["code"] == "instance-stopped"
     jsonschema.validate(json.loads(doc.stdout), schemas.definition("status"))
+
+
+def test_a_polling_adapter_answers_without_asking_ec2(aws: Resources) -> None:
+    """An adapter reported polling a moment ago: no cause, and EC2 is not asked (an instance id that does not
+    exist would otherwise be diagnosed as missing)."""
+    from gpuctl.services.context import Gateways
+    from gpuctl.settings import Settings
+
+    # GIVEN gateways pointed at an instance that does not exist, and a fresh adapter report
+    gateways = Gateways(Settings(**{**aws.settings_kwargs(), "instance_id": "i-0000000000000dead"}))
+    record = _job(gateways, age=10 * MINUTE)
+    gateways.table.note_adapter("w-1", state="running", jobs_in_hand=1, now=LATER - 5)
+    # WHEN / THEN
+    assert diagnose_job(gateways, record, now=LATER) is None
+    # AND once the report is old, EC2 is asked again and the missing instance is the cause
+    assert (why := diagnose_job(gateways, record, now=LATER + 5 * MINUTE)) is not None
+    assert why.code == "instance-missing"
