@@ -20,10 +20,12 @@ Prints a Markdown table for BENCHMARKS.md. Nothing here runs in the test suite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +44,9 @@ sys.path.insert(0, str(ROOT))
 from tests.helpers import REGION, Resources, create_resources  # noqa: E402
 
 IMAGE = "https://93.184.216.34/images/input.jpg"
-_SCOPE = re.compile(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/aws4_request")
+_SCOPE = re.compile(r"Credential=([^/]+)/[^/]+/[^/]+/([^/]+)/aws4_request")
+#: The access key of the bench's stand-in adapter: its requests are not the server's, so they are not counted.
+DRAINER_KEY = "bench-adapter"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -72,8 +76,8 @@ class CountingMoto:
                 return [body]
             auth = environ.get("HTTP_AUTHORIZATION", "")
             scope = _SCOPE.search(auth)
-            if scope:  # an AWS request (not moto's own API)
-                service = scope.group(1)
+            if scope and scope.group(1) != DRAINER_KEY:  # an AWS request (not moto's own API, not the drainer)
+                service = scope.group(2)
                 target = environ.get("HTTP_X_AMZ_TARGET")
                 if target:
                     operation = target.rsplit(".", 1)[-1]
@@ -98,7 +102,36 @@ class CountingMoto:
         return taken
 
 
-def run_moto(port: int) -> None:
+@contextmanager
+def yappi_profile(out: str | None) -> Iterator[None]:
+    """CPU-clock profile of every thread of this process, saved as pstats to ``out`` at the end (if asked for)."""
+    if not out:
+        yield
+        return
+    import yappi  # not a dependency: `pip install yappi` to profile
+
+    yappi.set_clock_type("cpu")
+    yappi.start(builtins=True)
+    try:
+        yield
+    finally:
+        yappi.stop()
+        yappi.get_func_stats().save(out, type="pstat")
+
+
+def run_serve_profiled(out: str, argv: list[str]) -> None:
+    """``python -m gpuctl serve …`` under :func:`yappi_profile` (uvicorn returns after its SIGTERM shutdown)."""
+    from gpuctl.__main__ import main as gpuctl_main
+
+    sys.argv = ["gpuctl", *argv]
+    with yappi_profile(out):
+        try:
+            gpuctl_main()
+        except SystemExit:
+            pass
+
+
+def run_moto(port: int, profile: str | None = None, wsgi: str = "waitress") -> None:
     """The counting moto server, in the foreground (its own process: it must not share a GIL with the clients)."""
     import logging
 
@@ -107,10 +140,25 @@ def run_moto(port: int) -> None:
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     app = CountingMoto().wrap(DomainDispatcherApplication(create_backend_app))
-    make_server("127.0.0.1", port, app, threaded=True).serve_forever()
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    with yappi_profile(profile), contextlib.suppress(KeyboardInterrupt):
+        if wsgi == "werkzeug":
+            make_server("127.0.0.1", port, app, threaded=True).serve_forever()
+        else:
+            import waitress
+
+            waitress.serve(app, host="127.0.0.1", port=port, threads=8, _quiet=True)
 
 
+#: The instance states a level runs in (--states).
+STATES = {"polling": "adapter polling", "running": "running, no adapter report"}
 MOTO_PID: list[int] = []
+PROFILE: list[Path] = []  # --profile DIR
+MOTO_WSGI = ["waitress"]  # --moto-wsgi
 SERVE_PID: list[int] = []
 
 
@@ -118,13 +166,43 @@ SERVE_PID: list[int] = []
 def moto_server() -> Iterator[str]:
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--moto", str(port)], stdout=subprocess.DEVNULL,
+    profile = ["--profile", str(PROFILE[0] / "moto.pstat")] if PROFILE else []
+    proc = subprocess.Popen([sys.executable, __file__, "--moto", str(port), "--moto-wsgi", MOTO_WSGI[0], *profile],
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     _wait_for(url + "/_bench/take", proc)
     MOTO_PID[:] = [proc.pid]
     try:
         yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def drain(endpoint: str, queue_url: str, every: float = 0.5) -> None:
+    """The stand-in adapter: every ``every`` seconds, take what the queue holds off it, 10 messages a
+    ReceiveMessage and one DeleteMessageBatch each, so the queue holds about half a second of submits, not every
+    message ever sent (moto's SendMessage scans its whole queue, real SQS does not)."""
+    import boto3
+
+    sqs = boto3.session.Session(aws_access_key_id=DRAINER_KEY, aws_secret_access_key="bench",
+                                region_name=REGION).client("sqs", endpoint_url=endpoint)
+    while True:
+        while messages := sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0,
+                                              VisibilityTimeout=300).get("Messages", []):
+            sqs.delete_message_batch(QueueUrl=queue_url, Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
+        time.sleep(every)
+
+
+@contextmanager
+def drainer(endpoint: str, queue_url: str) -> Iterator[None]:
+    """:func:`drain` in a process of its own (its CPU is not the clients' nor the server's)."""
+    proc = subprocess.Popen([sys.executable, __file__, "--drain", endpoint, queue_url], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        yield
     finally:
         proc.terminate()
         proc.wait(30)
@@ -156,8 +234,12 @@ def serve_process(res: Resources, folder: Path) -> Iterator[str]:
     env = {**os.environ, **res.env(), "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
            "GPUCTL_CONFIG_DIR": str(folder / "config")}
     log = (folder / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gpuctl", "serve", "--port", str(port)], env=env, stdout=log,
-                            stderr=log)
+    command = ["serve", "--port", str(port)]
+    if PROFILE:
+        command = [__file__, "--serve-profiled", str(PROFILE[0] / "serve.pstat"), "--", *command]
+    else:
+        command = ["-m", "gpuctl", *command]
+    proc = subprocess.Popen([sys.executable, *command], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     _wait_for(f"{url}/", proc)
     SERVE_PID[:] = [proc.pid]
@@ -225,11 +307,32 @@ def _describe(counts: Counter[str], jobs: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests per level")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="profile both servers' CPU with yappi (pstats files in DIR; needs `pip install yappi`)")
+    parser.add_argument("--moto-wsgi", choices=("waitress", "werkzeug"), default="waitress",
+                        help="the WSGI server that serves moto (default: waitress, which keeps connections alive)")
+    parser.add_argument("--states", type=lambda v: v.split(","), default=list(STATES),
+                        help="the instance states to load, comma-separated: polling, running (default: both)")
+    parser.add_argument("--no-drain", action="store_true",
+                        help="no stand-in adapter: every message stays in moto's queue (as the bench did before)")
     parser.add_argument("--moto", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--drain", nargs=2, metavar=("ENDPOINT", "QUEUE_URL"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-profiled", metavar="OUT", help=argparse.SUPPRESS)
+    parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.moto:
-        run_moto(args.moto)
+        run_moto(args.moto, str(args.profile) if args.profile else None, args.moto_wsgi)
         return
+    if args.drain:
+        drain(*args.drain)
+        return
+    if args.serve_profiled:
+        run_serve_profiled(args.serve_profiled, args.rest)
+        return
+    MOTO_WSGI[:] = [args.moto_wsgi]
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        PROFILE[:] = [args.profile.resolve()]
     levels = [(1, 40), (10, 150), (50, 300)] if args.quick else [(1, 100), (10, 400), (50, 800)]
     import boto3
 
@@ -238,7 +341,8 @@ def main() -> None:
         session = boto3.session.Session(aws_access_key_id="bench", aws_secret_access_key="bench", region_name=REGION)
         res = create_resources(session, endpoint)
         gw = _gateways(res)
-        with serve_process(res, Path(tmp)) as url:
+        consumer = contextlib.nullcontext() if args.no_drain else drainer(endpoint, res.queue_url)
+        with consumer, serve_process(res, Path(tmp)) as url:
             import httpx
 
             # The stopped instance: the first submit starts it.
@@ -266,7 +370,7 @@ def main() -> None:
             rows.append(("adapter polling: `submit_request` called in-process, no HTTP", "1", f"{len(direct)}",
                          f"{_pct(direct, 0.5) * 1000:.0f} / {_pct(direct, 0.99) * 1000:.0f} ms",
                          f"{len(direct) / sum(direct):.0f}", "", _describe(take(endpoint), len(direct))))
-            for state in ("adapter polling", "running, no adapter report"):
+            for state in [STATES[s] for s in args.states]:
                 for clients, requests in levels:
                     if state == "adapter polling":
                         gw.table.note_adapter("bench-worker", state="running", jobs_in_hand=0)
