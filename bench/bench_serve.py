@@ -111,7 +111,7 @@ def yappi_profile(out: str | None) -> Iterator[None]:
     import yappi  # not a dependency: `pip install yappi` to profile
 
     yappi.set_clock_type("cpu")
-    yappi.start(builtins=True)
+    yappi.start(builtins=False)
     try:
         yield
     finally:
@@ -124,11 +124,8 @@ def run_serve_profiled(out: str, argv: list[str]) -> None:
     from gpuctl.__main__ import main as gpuctl_main
 
     sys.argv = ["gpuctl", *argv]
-    with yappi_profile(out):
-        try:
-            gpuctl_main()
-        except SystemExit:
-            pass
+    with yappi_profile(out), contextlib.suppress(SystemExit):
+        gpuctl_main()
 
 
 def run_moto(port: int, profile: str | None = None, wsgi: str = "waitress") -> None:
@@ -259,9 +256,17 @@ def _gateways(res: Resources) -> Any:
 
 
 def load(url: str, clients: int, requests: int) -> tuple[list[float], Counter[int], float]:
-    """``requests`` POSTs spread over ``clients`` threads; returns the latencies, status counts and wall time."""
-    import httpx
+    """``requests`` POSTs spread over ``clients`` threads; returns the latencies, status counts and wall time.
 
+    Each client is a thread with one keep-alive ``http.client`` connection: a quarter of httpx's CPU per request
+    (0.34 vs 1.43 ms measured), which the clients would otherwise take from the two servers on this machine.
+    """
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    body = json.dumps({"image_url": IMAGE, "steps": 8}).encode()
+    headers = {"Content-Type": "application/json"}
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     lock = threading.Lock()
@@ -269,19 +274,25 @@ def load(url: str, clients: int, requests: int) -> tuple[list[float], Counter[in
     start_gate = threading.Barrier(clients + 1)
 
     def client(n: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as http:
-            http.get("/")  # connect before the clock starts
-            start_gate.wait()
-            for _ in range(n):
-                started = time.perf_counter()
-                try:
-                    code = http.post("/api/v1/camera-angle/jobs", json={"image_url": IMAGE, "steps": 8}).status_code
-                except httpx.HTTPError:
-                    code = 0
-                took = time.perf_counter() - started
-                with lock:
-                    latencies.append(took)
-                    statuses[code] += 1
+        conn = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port, timeout=60)
+        conn.request("GET", "/")  # connect before the clock starts
+        conn.getresponse().read()
+        start_gate.wait()
+        for _ in range(n):
+            started = time.perf_counter()
+            try:
+                conn.request("POST", "/api/v1/camera-angle/jobs", body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()  # the whole answer
+                code = response.status
+            except (OSError, http.client.HTTPException):
+                conn.close()  # reconnects on the next request
+                code = 0
+            took = time.perf_counter() - started
+            with lock:
+                latencies.append(took)
+                statuses[code] += 1
+        conn.close()
 
     threads = [threading.Thread(target=client, args=(n,)) for n in per_client]
     for t in threads:

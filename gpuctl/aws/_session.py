@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from gpuctl.settings import Settings
 
-__all__ = ["AwsClients", "is_local_endpoint", "make_clients"]
+__all__ = ["DEFAULT_POOL", "AwsClients", "is_local_endpoint", "make_clients"]
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 
@@ -32,11 +32,20 @@ def is_local_endpoint(endpoint_url: str | None) -> bool:
     return bool(endpoint_url) and (urlparse(endpoint_url).hostname or "") in _LOOPBACK
 
 
-class AwsClients:
-    """Lazily built, shared boto3 clients for one Settings."""
+#: botocore's default: connections each client keeps open for reuse (one per thread calling it at once).
+DEFAULT_POOL = 10
 
-    def __init__(self, settings: Settings) -> None:
+
+class AwsClients:
+    """Lazily built, shared boto3 clients for one Settings.
+
+    ``max_pool_connections``: connections each client keeps for reuse; a process that calls AWS from more threads at
+    once (``gpuctl serve``) sizes it to its threads, or every call beyond the pool opens a connection and drops it.
+    """
+
+    def __init__(self, settings: Settings, *, max_pool_connections: int = DEFAULT_POOL) -> None:
         self.settings = settings
+        self.max_pool_connections = max_pool_connections
 
     @functools.cached_property
     def session(self) -> boto3.session.Session:
@@ -70,6 +79,7 @@ class AwsClients:
             retries={"mode": "standard", "max_attempts": self.settings.max_attempts},
             connect_timeout=self.settings.connect_timeout,
             read_timeout=self.settings.read_timeout,
+            max_pool_connections=self.max_pool_connections,
             # Path-style URLs work against any endpoint, including an emulator on an IP address.
             s3={"addressing_style": "path"} if self.settings.endpoint_url else None,
         )
@@ -109,6 +119,6 @@ class AwsClients:
         return self.client("cloudformation")  # type: ignore[no-any-return]
 
 
-def make_clients(settings: Settings) -> AwsClients:
+def make_clients(settings: Settings, *, max_pool_connections: int = DEFAULT_POOL) -> AwsClients:
     """The client factory (style R4): call it at an entry point and pass the result down."""
-    return AwsClients(settings)
+    return AwsClients(settings, max_pool_connections=max_pool_connections)

@@ -48,14 +48,18 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError:
         raise ConfigError("gpuctl serve needs the serve extra: pip install 'gpuctl[serve]'.") from None
+    from gpuctl.aws._session import make_clients
     from gpuctl.serve.app import ServeConfig, parse_origins
     from gpuctl.serve.guard import load_api_keys
+    from gpuctl.serve.server import AWS_CONNECTIONS
     from gpuctl.serve.server import serve as run
+    from gpuctl.services.context import Gateways
 
     config = ServeConfig(api_keys=load_api_keys(os.environ.get("GPUCTL_API_KEYS"), api_keys_file),
                          cors_origins=parse_origins(cors_origins), max_body_bytes=max_body_bytes)
     app_state = state(ctx)
-    run(app_state.gateways, config, host=host, port=port,
+    gw = Gateways(app_state.settings, make_clients(app_state.settings, max_pool_connections=AWS_CONNECTIONS))
+    run(gw, config, host=host, port=port,
         log_level="DEBUG" if app_state.verbose > 1 else "INFO")
 
 

@@ -4,10 +4,13 @@ an error that escapes; and jobs submitted over HTTP run by the real adapter and 
 from __future__ import annotations
 
 import json
+import platform
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +126,44 @@ def test_sigterm_writes_the_activity_note_still_due(serve, gw):
     noted = gw.table.read_activity().last_submit_at
     assert noted is not None and noted >= newest
     assert not any(e.get("event") == "submit.activity_not_noted" for e in api.log_lines())
+
+
+def test_concurrent_submits_reuse_their_aws_connections_on_the_fast_http_stack(serve, gw):
+    """30 clients at once: every submit is accepted, no AWS connection is opened past the clients' pools and dropped
+    (botocore keeps 10 by default; the server has 40 worker threads), and the server runs on httptools and uvloop."""
+    from gpuctl.serve.server import implementations
+
+    # GIVEN a server and an adapter polling (each submit: PutItem and SendMessage, from the worker threads)
+    api = serve()
+    gw.table.note_adapter("gpu-1:7", state="running", jobs_in_hand=0)
+    # WHEN 30 clients submit 90 jobs at once
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=30)) as http, \
+            ThreadPoolExecutor(30) as pool:
+        codes = list(pool.map(lambda _: http.post(f"{api.base_url}/api/v1/camera-angle/jobs",
+                                                  json={"image_url": IMAGE}).status_code, range(90)))
+    # THEN every one is accepted and urllib3 never had to drop a connection for want of room in the pool
+    assert codes == [202] * 90
+    lines = api.log_lines()
+    assert not [e for e in lines if "Connection pool is full" in str(e.get("event"))]
+    # AND the server says which HTTP parser and event loop it runs: the serve extra's C ones on CPython/Linux
+    starting = next(e for e in lines if e.get("event") == "serve.starting")
+    assert (starting["http"], starting["loop"]) == implementations()
+    if sys.platform == "linux" and platform.python_implementation() == "CPython":
+        assert implementations() == ("httptools", "uvloop")
+
+
+def test_the_worker_threads_are_anyio_s_default_limiter():
+    """The AWS connection pools are sized for WORKER_THREADS: anyio's default limiter, which runs the routes."""
+    import anyio
+    import anyio.to_thread
+
+    from gpuctl.serve.server import AWS_CONNECTIONS, WORKER_THREADS
+
+    async def tokens() -> float:
+        return anyio.to_thread.current_default_thread_limiter().total_tokens
+
+    assert anyio.run(tokens) == WORKER_THREADS
+    assert AWS_CONNECTIONS > WORKER_THREADS  # and one for the coalesced activity notes
 
 
 @pytest.mark.parametrize(("args", "env", "words"), [
