@@ -1,20 +1,26 @@
 """Benchmark of `gpuctl serve` (issue 11): POST /api/v1/<type>/jobs under 1, 10 and 50 concurrent clients, and
 the AWS requests each accepted job costs, against moto on 127.0.0.1.
 
-Run:  .venv/bin/pip install -e '.[dev]' && .venv/bin/python bench/bench_serve.py [--quick]
+Run:  .venv/bin/pip install -e '.[dev,bench]' && .venv/bin/python bench/bench_serve.py [--quick]
+      (--profile DIR: yappi CPU profiles of both servers, after `pip install yappi`)
 
-The server runs as a real process (`python -m gpuctl serve`), pointed at a moto server in a process of its own, whose
-WSGI app is wrapped by a counter: every AWS request the server sends is counted by service and operation (from the
-SigV4 credential scope, the X-Amz-Target header or the Action parameter). Clients are threads with one keep-alive
-httpx connection each; each request is timed from send to the full response. Inputs are https:// URLs with a
-public IP literal host (no DNS lookup on this machine, which has no resolver), so the input check costs no AWS
-request. Three states of the instance:
+The server runs as a real process (`python -m gpuctl serve`), pointed at a moto server in a process of its own: moto's
+WSGI app served by waitress (keep-alive connections, as AWS keeps them; werkzeug's dev server, `--moto-wsgi
+werkzeug`, closes every connection and starts a thread for the next), wrapped by a counter: every AWS request the
+server sends is counted by service and operation (from the SigV4 credential scope, the X-Amz-Target header or the
+Action parameter). A stand-in adapter in a third process takes the messages off the queue as they arrive (its
+requests are not counted, its CPU in moto is), so moto's queue holds what is in flight, as a polled queue does,
+not every message of the run: moto's SendMessage scans its whole queue (about 40 µs per message held), real SQS
+does not. Clients are threads with one keep-alive `http.client` connection each; each request is timed from send to
+the full response. Inputs are https:// URLs with a public IP literal host (no DNS lookup on this machine, which has
+no resolver), so the input check costs no AWS request. Three states of the instance:
 
 * adapter polling: the activity marker says an adapter reported `running` within 60 s: EC2 is never asked;
 * running, no adapter report: a stop was fenced since, so each submit asks EC2 (StartInstances, idempotent);
 * stopped: the first submit starts it (measured once).
 
-Prints a Markdown table for BENCHMARKS.md. Nothing here runs in the test suite.
+Prints a Markdown table for BENCHMARKS.md, with the load average after each level. Nothing here runs in the test
+suite.
 """
 
 from __future__ import annotations
@@ -177,20 +183,31 @@ def moto_server() -> Iterator[str]:
         proc.wait(30)
 
 
-def drain(endpoint: str, queue_url: str, every: float = 0.5) -> None:
-    """The stand-in adapter: every ``every`` seconds, take what the queue holds off it, 10 messages a
-    ReceiveMessage and one DeleteMessageBatch each, so the queue holds about half a second of submits, not every
-    message ever sent (moto's SendMessage scans its whole queue, real SQS does not)."""
+def drain(endpoint: str, queue_url: str, receivers: int = 4, idle: float = 0.25) -> None:
+    """The stand-in adapter: take the messages off the queue as they come, 10 a ReceiveMessage and one
+    DeleteMessageBatch each, so moto's queue holds what is in flight, not every message ever sent (moto's SendMessage
+    and ReceiveMessage scan the whole queue; real SQS does not). Several receivers, each resting ``idle`` seconds
+    after an empty answer: while the servers keep moto busy, each request waits its turn behind theirs."""
     import boto3
 
     sqs = boto3.session.Session(aws_access_key_id=DRAINER_KEY, aws_secret_access_key="bench",
                                 region_name=REGION).client("sqs", endpoint_url=endpoint)
-    while True:
-        while messages := sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0,
-                                              VisibilityTimeout=300).get("Messages", []):
+
+    def receiver() -> None:
+        while True:
+            messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0,
+                                           VisibilityTimeout=300).get("Messages", [])
+            if not messages:
+                time.sleep(idle)
+                continue
             sqs.delete_message_batch(QueueUrl=queue_url, Entries=[
                 {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
-        time.sleep(every)
+
+    threads = [threading.Thread(target=receiver, daemon=True) for _ in range(receivers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 @contextmanager
@@ -244,7 +261,7 @@ def serve_process(res: Resources, folder: Path) -> Iterator[str]:
         yield url
     finally:
         proc.terminate()
-        proc.wait(30)
+        proc.wait(90)  # a graceful shutdown: up to 25 s for requests in flight, then the last note
         log.close()
 
 
@@ -302,6 +319,12 @@ def load(url: str, clients: int, requests: int) -> tuple[list[float], Counter[in
     for t in threads:
         t.join()
     return latencies, statuses, time.perf_counter() - wall_start
+
+
+def _depth(gw: Any) -> str:
+    """Messages moto's queue holds now (visible + in flight): what its SendMessage scans."""
+    stats = gw.queue.attributes()
+    return str(sum(int(stats.get(f"ApproximateNumberOf{kind}", 0)) for kind in ("Messages", "MessagesNotVisible")))
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -365,7 +388,7 @@ def main() -> None:
             first = httpx.post(f"{url}/api/v1/camera-angle/jobs", json={"image_url": IMAGE}, timeout=60)
             took = time.perf_counter() - started
             rows.append(("stopped: the submit that starts it", "1", f"{first.status_code}",
-                         f"{took * 1000:.0f} ms", "", "", _describe(take(endpoint), 1)))
+                         f"{took * 1000:.0f} ms", "", "", _describe(take(endpoint), 1), "", ""))
             # The floor: the same three writes a submit makes, called straight from one thread of this process.
             from gpuctl.models import JobType, parse_request
             from gpuctl.services.submit import submit_request
@@ -380,7 +403,7 @@ def main() -> None:
                 direct.append(time.perf_counter() - started)
             rows.append(("adapter polling: `submit_request` called in-process, no HTTP", "1", f"{len(direct)}",
                          f"{_pct(direct, 0.5) * 1000:.0f} / {_pct(direct, 0.99) * 1000:.0f} ms",
-                         f"{len(direct) / sum(direct):.0f}", "", _describe(take(endpoint), len(direct))))
+                         f"{len(direct) / sum(direct):.0f}", "", _describe(take(endpoint), len(direct)), "", ""))
             for state in [STATES[s] for s in args.states]:
                 for clients, requests in levels:
                     if state == "adapter polling":
@@ -397,13 +420,14 @@ def main() -> None:
                                  f"{_pct(latencies, 0.5) * 1000:.0f} / {_pct(latencies, 0.99) * 1000:.0f} ms",
                                  f"{accepted / wall:.0f}",
                                  " / ".join(f"{u * 1000 / max(1, accepted):.1f}" for u in used),
-                                 _describe(take(endpoint), accepted)))
+                                 _describe(take(endpoint), accepted), _depth(gw),
+                                 f"{os.getloadavg()[0]:.1f}"))
     load_avg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\nRun on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, load average "
           f"before/after the run ≈ {load_avg} (1/5/15 min)\n")
     print("| instance | clients | accepted | p50 / p99 latency | jobs/s | CPU ms per job: serve / moto "
-          "| AWS requests per accepted job |")
-    print("|---|---|---|---|---|---|---|")
+          "| AWS requests per accepted job | messages in the queue after | load (1 min) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
 
