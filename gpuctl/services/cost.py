@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from gpuctl.errors import UsageError
 
 if TYPE_CHECKING:
+    from gpuctl.aws.ec2 import InstanceInfo, Volume
     from gpuctl.aws.history import Transition
     from gpuctl.models import JobRecord
     from gpuctl.services.context import Gateways
@@ -216,7 +217,6 @@ class CostReport:
     stretches: list[Stretch]
     jobs: list[dict[str, Any]]
     jobs_untimed: int
-    ebs_gb: dict[str, int]
     by: str | None = None
     warnings: list[str] = field(default_factory=list)
     fleet_group: str | None = None
@@ -234,10 +234,6 @@ class CostReport:
         if not self.priced:
             return None
         return round(sum(seconds / 3600.0 * (price or 0.0) for seconds, price in pairs), 4)
-
-    @property
-    def running_seconds(self) -> float:
-        return sum(s.seconds for s in self.stretches)
 
     def ebs_stopped(self) -> dict[str, Any]:
         volumes: dict[str, int] = defaultdict(int)
@@ -469,13 +465,9 @@ def _build(members: Sequence[Member], records: Iterable[JobRecord], *, since: fl
                             placed))
         retaken += record.attempts > 1
     jobs.sort(key=lambda j: j.started_at)
-    ebs_gb: dict[str, int] = defaultdict(int)
-    for m in members:
-        for kind, gb in m.ebs_gb.items():
-            ebs_gb[kind] += gb
-    report = CostReport(members[0].instance_id if members and not fleet_group else None,
-                        members[0].instance_type if members and not fleet_group else None, since, until, price,
-                        price_source, found, [], untimed, dict(ebs_gb), by, fleet_group=fleet_group,
+    single = members[0] if members and not fleet_group else None
+    report = CostReport(single.instance_id if single else None, single.instance_type if single else None, since,
+                        until, price, price_source, found, [], untimed, by, fleet_group=fleet_group,
                         members=list(members), ebs=ebs)
     report.jobs = _attribute(found, jobs, report.priced)
     if untimed:
@@ -529,36 +521,40 @@ def cost_report(gw: Gateways, *, since_seconds: float, by: str | None = None, ho
         return _fleet_report(gw, group, since=since, until=until, by=by, hourly=hourly)
     info = gw.instance.describe()
     transitions = history.transitions(info.instance_id, since=since, until=until)
-    instance_type = info.instance_type or next((t.instance_type for t in reversed(transitions) if t.instance_type),
-                                               None)
+    instance_type = _type_of(info, transitions)
     price, source = hourly_price(instance_type, hourly)
-    ebs: dict[str, int] = defaultdict(int)
-    for volume in gw.instance.volumes(info.volume_ids):
-        ebs[volume.volume_type] += volume.size_gb
     return build_report(transitions, finished_jobs(gw, since), instance_id=info.instance_id,
                         instance_type=instance_type, since=since, until=until, price=price, price_source=source,
-                        ebs_gb=dict(ebs), by=by)
+                        ebs_gb=_gb_by_type(gw.instance.volumes(info.volume_ids)), by=by)
+
+
+def _type_of(info: InstanceInfo | None, transitions: Sequence[Transition]) -> str | None:
+    """The instance's type as EC2 says it, else as its newest recorded change said it (a terminated member)."""
+    return (info.instance_type if info else None) or next(
+        (t.instance_type for t in reversed(transitions) if t.instance_type), None)
+
+
+def _gb_by_type(volumes: Iterable[Volume]) -> dict[str, int]:
+    gb: dict[str, int] = defaultdict(int)
+    for volume in volumes:
+        gb[volume.volume_type] += volume.size_gb
+    return dict(gb)
 
 
 def _fleet_report(gw: Gateways, group: str, *, since: float, until: float, by: str | None,
                   hourly: float | None) -> CostReport:
     """Fleet mode: every member the history recorded in the window, priced by its own type."""
     histories = gw.history.group_transitions(group, since=since, until=until)
-    infos = {i.instance_id: i for i in gw.instances.describe(list(histories))} if histories else {}
-    alive = [i for i in infos.values() if i.state != "terminated"]
-    volumes = {v.volume_id: v for v in gw.instances.volumes([v for i in alive for v in i.volume_ids])} \
-        if alive else {}
+    # One DescribeInstances and one DescribeVolumes for all members (none at all when there are none).
+    infos = {i.instance_id: i for i in gw.instances.describe(list(histories))}
+    alive = [i for i in infos.values() if i.state != "terminated"]  # a terminated member's volumes are gone
+    volumes = {v.volume_id: v for v in gw.instances.volumes([v for i in alive for v in i.volume_ids])}
     members: list[Member] = []
     for instance_id, transitions in histories.items():
         info = infos.get(instance_id)
-        instance_type = (info.instance_type if info else None) or next(
-            (t.instance_type for t in reversed(transitions) if t.instance_type), None)
-        ebs: dict[str, int] = defaultdict(int)
-        if info is not None and info.state != "terminated":
-            for volume_id in info.volume_ids:
-                if volume_id in volumes:
-                    ebs[volumes[volume_id].volume_type] += volumes[volume_id].size_gb
+        instance_type = _type_of(info, transitions)
+        own = [volumes[v] for v in (info.volume_ids if info is not None and info in alive else ()) if v in volumes]
         members.append(Member(instance_id, instance_type, transitions, hourly_price(instance_type, hourly)[0],
-                              dict(ebs)))
+                              _gb_by_type(own)))
     return build_fleet_report(members, finished_jobs(gw, since), group=group, since=since, until=until,
                               hourly=hourly, by=by)

@@ -71,6 +71,7 @@ class _Context:
         self.stack = stack
         self.outputs = stack.outputs
         self._function: FunctionInfo | None = None
+        self._members: list[InstanceInfo] | None = None
         #: Fleet mode (the stack's FleetGroupName output): the group instead of one instance.
         self.fleet_group = stack.outputs.get("FleetGroupName") or None
 
@@ -81,6 +82,16 @@ class _Context:
             self._function = SchedulerFunction(self.gw.clients.client("lambda"),
                                                self.outputs["LambdaFunctionName"]).configuration()
         return self._function
+
+    def members(self) -> list[InstanceInfo]:
+        """Fleet mode: the group's instances as EC2 describes them (warm pool included), read once."""
+        if self._members is None:
+            from gpuctl.aws.autoscaling import FleetGroup
+
+            assert self.fleet_group is not None
+            group = FleetGroup(self.gw.clients.client("autoscaling"), self.fleet_group).describe()
+            self._members = self.gw.instances.describe([m.instance_id for m in group.members])
+        return self._members
 
 
 def _queue(ctx: _Context, tun: AdapterTunables) -> list[Finding]:
@@ -194,19 +205,9 @@ def _environment(ctx: _Context, tun: AdapterTunables) -> list[Finding]:
                     "are the stack's")]
 
 
-def _members(ctx: _Context) -> list[InstanceInfo]:
-    """Fleet mode: the group's instances as EC2 describes them (warm pool included)."""
-    from gpuctl.aws.autoscaling import FleetGroup
-    from gpuctl.aws.ec2 import Instances
-
-    assert ctx.fleet_group is not None
-    ids = [m.instance_id for m in FleetGroup(ctx.gw.clients.client("autoscaling"), ctx.fleet_group).describe().members]
-    return Instances(ctx.gw.clients.ec2).describe(ids) if ids else []
-
-
 def _fleet_profile(ctx: _Context) -> list[Finding]:
     wanted = ctx.outputs.get("InstanceProfileArn")
-    members = [i for i in _members(ctx) if i.state not in ("shutting-down", "terminated")]
+    members = [i for i in ctx.members() if i.state not in ("shutting-down", "terminated")]
     if not members:
         return [Finding("instance.profile", "pass", f"the fleet {ctx.fleet_group} has no instance now "
                         "(its launch template decides the next one's profile)")]
@@ -310,7 +311,7 @@ def _heartbeat(ctx: _Context, tun: AdapterTunables) -> list[Finding]:
     from gpuctl.aws.ec2 import GpuInstance
 
     if ctx.fleet_group:
-        running = [i for i in _members(ctx) if i.state == "running"]
+        running = [i for i in ctx.members() if i.state == "running"]
         if not running:
             return [Finding("adapter.heartbeat", "pass", f"no instance of the fleet {ctx.fleet_group} runs: no "
                             "adapter is expected")]

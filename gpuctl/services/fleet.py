@@ -16,11 +16,20 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gpuctl.aws.autoscaling import FLOOR_REASON_TAG, FLOOR_TAG, FLOOR_UNTIL_TAG
+from gpuctl.aws.autoscaling import (
+    CAPACITY_AT_TAG,
+    CAPACITY_BY_TAG,
+    CAPACITY_FROM_TAG,
+    CAPACITY_REASON_TAG,
+    CAPACITY_TO_TAG,
+    FLOOR_REASON_TAG,
+    FLOOR_TAG,
+    FLOOR_UNTIL_TAG,
+)
 from gpuctl.errors import GpuctlError, UsageError
 from gpuctl.models import JobStatus
 from gpuctl.services.hold import judge_hold, parse_hold_duration
-from gpuctl.times import stamp
+from gpuctl.times import iso, stamp
 
 if TYPE_CHECKING:
     from gpuctl.aws.autoscaling import GroupInfo
@@ -75,7 +84,7 @@ def ensure_capacity(gw: Gateways) -> StartOutcome:
     except GpuctlError as exc:
         return StartOutcome("failed", warning=f"the job is queued, but the fleet was not scaled out: {exc}", error=exc)
     warning = None
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    now = iso(time.time()) or ""
     try:
         gw.fleet.set_tags({SCALED_OUT_AT_TAG: now, **capacity_tags(now, "gpuctl-cli", "job submitted", 0, 1)})
     except GpuctlError as exc:
@@ -86,10 +95,8 @@ def ensure_capacity(gw: Gateways) -> StartOutcome:
 
 def capacity_tags(at_iso: str, by: str, reason: str, before: int, after: int) -> dict[str, str]:
     """The group's tags for one change of its desired capacity (as lambda/fleet.py's ``capacity_tags``)."""
-    from gpuctl.aws import autoscaling as names
-
-    return {names.CAPACITY_AT_TAG: at_iso, names.CAPACITY_BY_TAG: by, names.CAPACITY_REASON_TAG: reason[:256],
-            names.CAPACITY_FROM_TAG: str(before), names.CAPACITY_TO_TAG: str(after)}
+    return {CAPACITY_AT_TAG: at_iso, CAPACITY_BY_TAG: by, CAPACITY_REASON_TAG: reason[:256],
+            CAPACITY_FROM_TAG: str(before), CAPACITY_TO_TAG: str(after)}
 
 
 # --- status -------------------------------------------------------------------------------------------
@@ -209,7 +216,8 @@ def scale(gw: Gateways, count: int, duration: str | None = None, reason: str | N
         fleet.delete_tags([FLOOR_TAG, FLOOR_UNTIL_TAG, FLOOR_REASON_TAG])
         log.info("fleet.floor_removed", extra={"group": group.name})
         return ScaleResult(group.name, 0, None, None, group.desired, group.desired, group.max_size)
-    until = int((time.time() if now is None else now) + seconds)
+    at = time.time() if now is None else now
+    until = int(at + seconds)
     tags = {FLOOR_TAG: str(count), FLOOR_UNTIL_TAG: str(until)}
     if reason:
         tags[FLOOR_REASON_TAG] = reason[:256]
@@ -219,10 +227,9 @@ def scale(gw: Gateways, count: int, duration: str | None = None, reason: str | N
     desired = max(group.desired, count)
     if desired != group.desired:
         fleet.set_desired(desired)
-        stamp_now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now))
         why = f"fleet scale {count}" + (f": {reason}" if reason else "")
         try:
-            fleet.set_tags(capacity_tags(stamp_now, "gpuctl-cli", why, group.desired, desired))
+            fleet.set_tags(capacity_tags(iso(at) or "", "gpuctl-cli", why, group.desired, desired))
         except GpuctlError as exc:  # the change is made; only the history's cause for it is lost
             log.warning("fleet.capacity_tags_failed", extra={"group": group.name, "error": str(exc)})
     log.info("fleet.floor", extra={"group": group.name, "floor": count, "until": until})

@@ -195,7 +195,7 @@ def replay_fleet(jobs: Sequence[SimJob], idle_seconds: float, *, boot: float, ma
     desired, billed, cold = 0, 0.0, 0
     last_submit: float | None = None
     last_launch: float | None = None
-    now, tick, arrived = 0.0, 0.0, 0
+    now, arrived = 0.0, 0
 
     def in_hand(t: float) -> int:
         return sum(1 for _launched, _ready, free in fleet for f in free if f > t)
@@ -241,13 +241,13 @@ def replay_fleet(jobs: Sequence[SimJob], idle_seconds: float, *, boot: float, ma
             reconcile(t)
 
     while arrived < len(ordered) or queue or fleet:
-        # The next moment anything happens: an arrival, a boot ending, a job finishing, a scheduler run (only
-        # while the group has capacity or work: at 0 with nothing queued, the next arrival comes first).
+        # The next moment anything happens (each later than the last): an arrival, a boot ending, a job finishing,
+        # a scheduler run on the next whole minute (only while the group has capacity or work: at 0 with nothing
+        # queued, the next arrival comes first).
         moments = [ordered[arrived].arrival] if arrived < len(ordered) else []
         moments += [r for _l, r, _f in fleet if r > now] + [f for _l, _r, free in fleet for f in free if f > now]
         if fleet or queue:
-            moments.append(tick if tick > now else (math.floor(now / FLEET_SCHEDULE_SECONDS) + 1)
-                           * FLEET_SCHEDULE_SECONDS)
+            moments.append((math.floor(now / FLEET_SCHEDULE_SECONDS) + 1) * FLEET_SCHEDULE_SECONDS)
         now = min(moments)
         if arrived == len(ordered) and not queue and not finishes and now > (last_finished or 0.0) + idle_seconds \
                 + CLOCK_SKEW_SECONDS + 3 * FLEET_SCHEDULE_SECONDS + boot:
@@ -260,11 +260,9 @@ def replay_fleet(jobs: Sequence[SimJob], idle_seconds: float, *, boot: float, ma
                 desired = 1
                 reconcile(now)
         dispatch(now)
-        if now >= tick:
-            tick = (math.floor(now / FLEET_SCHEDULE_SECONDS) + 1) * FLEET_SCHEDULE_SECONDS
-            if now % FLEET_SCHEDULE_SECONDS == 0:
-                decide_at(now)
-                dispatch(now)
+        if now % FLEET_SCHEDULE_SECONDS == 0:  # a scheduler run
+            decide_at(now)
+            dispatch(now)
     waits = tuple(max(0.0, s - b) for s, b in zip(starts, baseline, strict=True))
     return Outcome(idle_seconds, billed, cold, waits)
 
